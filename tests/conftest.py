@@ -1,0 +1,16 @@
+"""Test-wide settings. Triton reads TRITON_INTERPRET when it is first imported, so the kernels
+run on CPU tensors only if this is set before anything imports detkit."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
