@@ -1,0 +1,169 @@
+"""What the ``detkit`` sub-commands do: train, evaluate, predict, export.
+
+Each function takes the composed Hydra config; the CLI wraps them as Hydra apps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.engine.checkpoint import load_detector
+from detkit.engine.inference import coco_results, run_detector
+from detkit.engine.module import DetectionModule
+from detkit.errors import NotBuiltError, UserError
+
+log = logging.getLogger("detkit")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data.datamodule)
+    module = DetectionModule(
+        model=instantiate(cfg.model),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        metric=build_metric(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    summary = {
+        "output_dir": str(output_dir),
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+    best = best_checkpoint(trainer)
+    summary["checkpoint"] = str(best) if best else None
+    if cfg.get("evaluate", True) and best is not None and trainer.is_global_zero:
+        metrics = evaluate_checkpoint(best, output_dir / "eval", split="val")
+        summary["eval"] = {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics}
+    summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    if trainer.is_global_zero:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("run summary: %s", json.dumps(summary, indent=2))
+    return summary
+
+
+def best_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The checkpoint ModelCheckpoint judged best (falling back to the last one)."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    for candidate in (callback.best_model_path, callback.last_model_path):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def build_metric():
+    from detkit.eval import DetectionMetric
+
+    return DetectionMetric()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """``detkit eval``: a results file against ground truth, or a checkpoint on a dataset."""
+    from detkit.eval.command import run as evaluate_files
+
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("gt") is not None or cfg.get("predictions") is not None:
+        if cfg.get("gt") is None or cfg.get("predictions") is None:
+            raise UserError("evaluating files needs both gt=<coco.json> and predictions=<results>")
+        return evaluate_files(
+            gt=cfg.gt,
+            predictions=cfg.predictions,
+            protocol=cfg.protocol,
+            output_dir=output_dir,
+            backend=cfg.backend,
+        )
+    if cfg.get("ckpt") is None:
+        raise UserError("say what to evaluate: ckpt=<checkpoint>, or gt=<json> predictions=<json>")
+    data = cfg.get("data")
+    data = OmegaConf.to_container(data, resolve=False) if data is not None else None
+    return evaluate_checkpoint(
+        cfg.ckpt,
+        output_dir,
+        split=cfg.split,
+        data=data,
+        protocol=cfg.protocol,
+        batch_size=cfg.batch_size,
+    )
+
+
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    output_dir: str | Path,
+    split: str = "val",
+    data: dict | None = None,
+    protocol: str = "coco",
+    batch_size: int = 8,
+) -> dict:
+    """Run a checkpoint over a dataset split, write COCO results JSON, then evaluate them.
+
+    ``data`` replaces the dataset the model was trained on (a ``data`` config group node);
+    its interpolations resolve against the checkpoint's config (transforms, paths, model).
+    """
+    from detkit.eval.command import run as evaluate_files
+
+    model, config = load_detector(ckpt)
+    if data is not None:
+        config = OmegaConf.merge(config, {"data": data})
+    dataset = split_dataset(config, split)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    detections = run_detector(model, dataset, batch_size=batch_size)
+    results = coco_results(detections, dataset)
+    results_path = output_dir / "results.json"
+    results_path.write_text(json.dumps(results))
+    gt_path = output_dir / "ground_truth.json"
+    gt_path.write_text(json.dumps(dataset.to_coco()))
+    log.info("wrote %d detections to %s", len(results), results_path)
+    return evaluate_files(
+        gt=str(gt_path), predictions=str(results_path), protocol=protocol, output_dir=output_dir
+    )
+
+
+def split_dataset(config: DictConfig, split: str):
+    """The dataset of ``split`` (train/val/test) from a run's data config, eval transforms on."""
+    datamodule_cfg = config.data.datamodule
+    if split not in datamodule_cfg or datamodule_cfg[split] is None:
+        known = [k for k in ("train", "val", "test") if datamodule_cfg.get(k) is not None]
+        raise UserError(f"the data config has no {split!r} split; it has {known}")
+    dataset_cfg = OmegaConf.to_container(datamodule_cfg[split], resolve=True)
+    # Evaluation always sees the deterministic eval pipeline, whatever the split trains with.
+    if "transforms" in dataset_cfg:
+        dataset_cfg["transforms"] = OmegaConf.to_container(config.transforms.eval, resolve=True)
+    return instantiate(dataset_cfg)
+
+
+def predict(cfg: DictConfig) -> list[dict]:
+    """``detkit predict``: draw detections on images and write them as JSON."""
+    from detkit.engine.predict import predict_images
+
+    if cfg.get("ckpt") is None or cfg.get("source") is None:
+        raise UserError("predict needs ckpt=<checkpoint> and source=<image, folder or glob>")
+    return predict_images(
+        cfg.ckpt,
+        cfg.source,
+        Path(cfg.paths.output_dir),
+        score_threshold=cfg.score_threshold,
+        batch_size=cfg.batch_size,
+    )
+
+
+def export(cfg: DictConfig) -> None:
+    raise NotBuiltError("export is not built yet (ONNX export arrives with issue 9)")
