@@ -1,0 +1,160 @@
+"""Box coders: turn boxes into regression targets relative to priors, and back.
+
+All coders broadcast over leading dimensions, so ``[B, P, 4]`` targets against ``[P, 4]``
+priors work without a loop over images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
+def _corners(cx: Tensor, cy: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    half_w, half_h = 0.5 * w, 0.5 * h
+    return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+
+
+def _check_last_dim(name: str, t: Tensor, size: int) -> None:
+    if t.shape[-1] != size:
+        raise ValueError(f"{name} must have shape [..., {size}], got {tuple(t.shape)}")
+
+
+class DeltaXYWHCoder:
+    """Faster R-CNN / SSD offsets ``(wx dx/w_a, wy dy/h_a, ww log(w/w_a), wh log(h/h_a))``.
+
+    Equal to ``torchvision.models.detection._utils.BoxCoder(weights, bbox_xform_clip)``'s
+    ``encode_single``/``decode_single``; SSD's variances (0.1, 0.2) are weights (10, 10, 5, 5).
+    ``decode`` clamps the width/height exponents at ``bbox_xform_clip`` like torchvision.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        bbox_xform_clip: float = math.log(1000.0 / 16),
+    ) -> None:
+        if len(weights) != 4:
+            raise ValueError(f"weights must have 4 entries (wx, wy, ww, wh), got {weights}")
+        self.weights = tuple(float(w) for w in weights)
+        self.bbox_xform_clip = bbox_xform_clip
+
+    def encode(self, boxes: Tensor, priors: Tensor) -> Tensor:
+        """Targets ``[..., 4]`` that move ``priors [..., 4]`` onto ``boxes [..., 4]`` (xyxy)."""
+        _check_last_dim("boxes", boxes, 4)
+        _check_last_dim("priors", priors, 4)
+        wx, wy, ww, wh = self.weights
+        px, py, pw, ph = _centre_size(priors)
+        gx, gy, gw, gh = _centre_size(boxes)
+        return torch.stack(
+            (
+                wx * (gx - px) / pw,
+                wy * (gy - py) / ph,
+                ww * torch.log(gw / pw),
+                wh * torch.log(gh / ph),
+            ),
+            dim=-1,
+        )
+
+    def decode(self, deltas: Tensor, priors: Tensor) -> Tensor:
+        """Boxes ``[..., 4]`` xyxy from regression outputs ``deltas [..., 4]`` and priors."""
+        _check_last_dim("deltas", deltas, 4)
+        _check_last_dim("priors", priors, 4)
+        priors = priors.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        px, py, pw, ph = _centre_size(priors)
+        dw = torch.clamp(deltas[..., 2] / ww, max=self.bbox_xform_clip)
+        dh = torch.clamp(deltas[..., 3] / wh, max=self.bbox_xform_clip)
+        cx = deltas[..., 0] / wx * pw + px
+        cy = deltas[..., 1] / wy * ph + py
+        return _corners(cx, cy, torch.exp(dw) * pw, torch.exp(dh) * ph)
+
+    def __repr__(self) -> str:
+        return f"DeltaXYWHCoder(weights={self.weights}, bbox_xform_clip={self.bbox_xform_clip})"
+
+
+class YOLOv3Coder:
+    """YOLOv3 targets: centre offset inside the cell and log size ratio to the anchor.
+
+    ``encode`` returns ``(ox, oy, log(w/a_w), log(h/a_h))`` where ``ox, oy`` in [0, 1) are the
+    targets of ``sigmoid(t_x), sigmoid(t_y)``; ``decode`` takes the raw network outputs
+    ``(t_x, t_y, t_w, t_h)`` and applies sigmoid/exp: ``cx = (sigmoid(t_x) + col) * stride``,
+    ``w = a_w exp(t_w)``. ``grid_xy [..., 2]`` is the (col, row) of the cell, ``anchor_wh
+    [..., 2]`` the anchor size in pixels and ``stride`` (number or ``[...]`` tensor) the cell
+    size in pixels; all broadcast against ``boxes [..., 4]``.
+    """
+
+    def __init__(self, size_clip: float = math.log(1000.0 / 16)) -> None:
+        self.size_clip = size_clip
+
+    def encode(self, boxes: Tensor, grid_xy: Tensor, anchor_wh: Tensor, stride) -> Tensor:
+        """Targets ``[..., 4]`` = ``(ox, oy, log w ratio, log h ratio)`` (see class doc)."""
+        _check_last_dim("boxes", boxes, 4)
+        stride = torch.as_tensor(stride, dtype=boxes.dtype, device=boxes.device)
+        cx, cy, w, h = _centre_size(boxes)
+        return torch.stack(
+            (
+                cx / stride - grid_xy[..., 0],
+                cy / stride - grid_xy[..., 1],
+                torch.log(w / anchor_wh[..., 0]),
+                torch.log(h / anchor_wh[..., 1]),
+            ),
+            dim=-1,
+        )
+
+    def decode(self, raw: Tensor, grid_xy: Tensor, anchor_wh: Tensor, stride) -> Tensor:
+        """Boxes ``[..., 4]`` xyxy pixels from raw outputs ``(t_x, t_y, t_w, t_h)``."""
+        _check_last_dim("raw", raw, 4)
+        stride = torch.as_tensor(stride, dtype=raw.dtype, device=raw.device)
+        cx = (torch.sigmoid(raw[..., 0]) + grid_xy[..., 0]) * stride
+        cy = (torch.sigmoid(raw[..., 1]) + grid_xy[..., 1]) * stride
+        w = torch.exp(raw[..., 2].clamp(max=self.size_clip)) * anchor_wh[..., 0]
+        h = torch.exp(raw[..., 3].clamp(max=self.size_clip)) * anchor_wh[..., 1]
+        return _corners(cx, cy, w, h)
+
+
+class YOLOv1Coder:
+    """YOLOv1 targets: centre relative to its cell, square roots of image-relative size.
+
+    ``encode(boxes, grid_xy, image_size)`` gives ``(cx S / W - col, cy S / H - row,
+    sqrt(w / W), sqrt(h / H))`` for an S x S grid (``grid_size``); ``decode`` inverts it
+    (squaring the size outputs, which need not be positive while training).
+    """
+
+    def __init__(self, grid_size: int = 7) -> None:
+        if grid_size <= 0:
+            raise ValueError(f"grid_size must be positive, got {grid_size}")
+        self.grid_size = grid_size
+
+    def encode(self, boxes: Tensor, grid_xy: Tensor, image_size: Sequence[int]) -> Tensor:
+        """Targets ``[..., 4]`` for boxes ``[..., 4]`` xyxy pixels in cells ``grid_xy [..., 2]``."""
+        _check_last_dim("boxes", boxes, 4)
+        img_h, img_w = image_size
+        s = self.grid_size
+        cx, cy, w, h = _centre_size(boxes)
+        return torch.stack(
+            (
+                cx * s / img_w - grid_xy[..., 0],
+                cy * s / img_h - grid_xy[..., 1],
+                torch.sqrt((w / img_w).clamp(min=0)),
+                torch.sqrt((h / img_h).clamp(min=0)),
+            ),
+            dim=-1,
+        )
+
+    def decode(self, codes: Tensor, grid_xy: Tensor, image_size: Sequence[int]) -> Tensor:
+        """Boxes ``[..., 4]`` xyxy pixels from ``(x, y, sqrt w, sqrt h)`` codes."""
+        _check_last_dim("codes", codes, 4)
+        img_h, img_w = image_size
+        s = self.grid_size
+        cx = (codes[..., 0] + grid_xy[..., 0]) * img_w / s
+        cy = (codes[..., 1] + grid_xy[..., 1]) * img_h / s
+        return _corners(cx, cy, codes[..., 2].square() * img_w, codes[..., 3].square() * img_h)
