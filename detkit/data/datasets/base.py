@@ -1,0 +1,269 @@
+"""The shared machinery of every detkit dataset: records, sanitising, loading, to_coco()."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from detkit.data.boxes import sanitize_boxes, xyxy_to_xywh
+
+
+@dataclass
+class ImageRecord:
+    """One image's annotations, boxes in ``xyxy`` pixels of the file on disk (sanitised)."""
+
+    image_id: int
+    path: Path
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # [N, 4] float32
+    labels: np.ndarray  # [N] int64, 0..C-1
+    iscrowd: np.ndarray  # [N] bool
+    difficult: np.ndarray  # [N] bool
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the file header only; errors name the file."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode an image file as ``uint8 [H, W, 3]`` RGB; errors name the file."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from None
+
+
+class DetectionDataset(Dataset):
+    """Base class: subclasses parse their format into :class:`ImageRecord` objects and call
+    :meth:`_set_records`; this class loads, transforms and exports them.
+
+    Items are ``(image float32 [3, H, W] in [0, 1], target)`` with ``target`` holding
+    ``boxes`` (xyxy pixels of the returned image), ``labels``, ``image_id``, ``orig_size``
+    (h, w of the file), ``size`` (h, w of the returned image before batch padding) and the
+    ``iscrowd``/``difficult`` flags.
+    """
+
+    class_names: list[str]
+    label_to_category_id: list[int]
+
+    def __init__(self, transforms: Callable | None = None, skip_bad_images: bool = False):
+        self.transforms = transforms
+        self.skip_bad_images = skip_bad_images
+        self.records: list[ImageRecord] = []
+        self._box_counts = {"clipped": 0, "dropped": 0}
+        self._bad_images: set[str] = set()
+        self._rng = np.random.default_rng()
+
+    # ----- building -------------------------------------------------------------------
+    def _make_record(
+        self,
+        image_id: int,
+        path: Path,
+        file_name: str,
+        size: tuple[int, int],
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        iscrowd: np.ndarray | None = None,
+        difficult: np.ndarray | None = None,
+    ) -> ImageRecord:
+        """Clip boxes to the image, drop empty ones (counted for one warning later)."""
+        width, height = size
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        n = len(labels)
+        iscrowd = np.zeros(n, bool) if iscrowd is None else np.asarray(iscrowd, bool)
+        difficult = np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool)
+        clipped, info = sanitize_boxes(boxes, width, height)
+        self._box_counts["clipped"] += info["clipped"]
+        self._box_counts["dropped"] += info["dropped"]
+        keep = info["keep"]
+        return ImageRecord(
+            image_id=int(image_id),
+            path=Path(path),
+            file_name=file_name,
+            width=int(width),
+            height=int(height),
+            boxes=clipped[keep],
+            labels=labels[keep],
+            iscrowd=iscrowd[keep],
+            difficult=difficult[keep],
+        )
+
+    def _set_records(self, records: list[ImageRecord], source: str) -> None:
+        """Install the parsed records: report fixed boxes once, check the image files."""
+        clipped, dropped = self._box_counts["clipped"], self._box_counts["dropped"]
+        if clipped or dropped:
+            warnings.warn(
+                f"{source}: clipped {clipped} box(es) to their image and dropped {dropped} "
+                "zero-area, inverted or out-of-image box(es)",
+                stacklevel=3,
+            )
+        # width 0 marks an image whose header could not be read (skip_bad_images mode)
+        missing = [r for r in records if r.width <= 0 or not r.path.is_file()]
+        if missing and not self.skip_bad_images:
+            if missing[0].path.is_file():
+                raise ValueError(f"{source}: cannot read image {missing[0].path}")
+            raise FileNotFoundError(
+                f"{source}: image file not found: {missing[0].path} "
+                f"({len(missing)} of {len(records)} images missing; "
+                "pass skip_bad_images=True to skip them)"
+            )
+        if missing:
+            warnings.warn(
+                f"{source}: skipped {len(missing)} missing or unreadable image(s), "
+                f"e.g. {missing[0].path}",
+                stacklevel=3,
+            )
+            lost = {id(r) for r in missing}
+            records = [r for r in records if id(r) not in lost]
+        self.records = records
+        self.source = source
+
+    # ----- access ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def reseed(self, seed: int) -> None:
+        """Reseed this dataset's random choices and its transforms (one call per worker)."""
+        self._rng = np.random.default_rng(seed)
+        if hasattr(self.transforms, "set_random_seed"):
+            self.transforms.set_random_seed(seed)
+
+    def load_raw(self, index: int) -> tuple[np.ndarray, ImageRecord]:
+        """The decoded file (``uint8 [H, W, 3]``) and its record; bad files are skipped
+        (substituted by the next good one) when ``skip_bad_images`` is set."""
+        for step in range(len(self.records)):
+            record = self.records[(index + step) % len(self.records)]
+            try:
+                return load_rgb(record.path), record
+            except (FileNotFoundError, ValueError) as err:
+                if not self.skip_bad_images:
+                    raise
+                if str(record.path) not in self._bad_images:
+                    self._bad_images.add(str(record.path))
+                    warnings.warn(
+                        f"{self.source}: skipped {len(self._bad_images)} bad image(s) so far; "
+                        f"latest: {err}",
+                        stacklevel=2,
+                    )
+        raise ValueError(f"{self.source}: no readable image left")
+
+    def target_mask(self, record: ImageRecord) -> np.ndarray:
+        """Which of a record's boxes go into training targets (all, unless overridden)."""
+        return np.ones(len(record.labels), dtype=bool)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if not 0 <= index < len(self.records):
+            if -len(self.records) <= index < 0:
+                index += len(self.records)
+            else:
+                raise IndexError(f"index {index} out of range for {len(self.records)} images")
+        image, record = self.load_raw(index)
+        if self.transforms is None:
+            boxes, labels, crowd, difficult = self._annotations(record)
+            tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            tensor = tensor.float().div_(255.0)
+        else:
+            tensor, boxes, labels, crowd, difficult = self._transform(image, record)
+        target = {
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(labels, dtype=torch.int64),
+            "image_id": record.image_id,
+            "orig_size": torch.tensor([record.height, record.width]),
+            "size": torch.tensor(list(tensor.shape[-2:])),
+            "iscrowd": torch.as_tensor(crowd, dtype=torch.bool),
+            "difficult": torch.as_tensor(difficult, dtype=torch.bool),
+        }
+        return tensor, target
+
+    def _annotations(self, record: ImageRecord) -> tuple[np.ndarray, ...]:
+        keep = self.target_mask(record)
+        return record.boxes[keep], record.labels[keep], record.iscrowd[keep], record.difficult[keep]
+
+    def _transform(self, image: np.ndarray, record: ImageRecord) -> tuple:
+        """Run the transforms; box ids carry labels and flags through drops and mosaics."""
+        boxes, labels, crowd, difficult = self._annotations(record)
+        extra, all_labels, all_crowd, all_diff = [], [labels], [crowd], [difficult]
+        offset = len(labels)
+        wants = getattr(self.transforms, "num_extra_samples", None)
+        for _ in range(wants() if wants else 0):
+            other_image, other = self.load_raw(int(self._rng.integers(len(self.records))))
+            o_boxes, o_labels, o_crowd, o_diff = self._annotations(other)
+            ids = np.arange(offset, offset + len(o_labels))
+            extra.append({"image": other_image, "boxes": o_boxes, "box_ids": ids})
+            all_labels.append(o_labels)
+            all_crowd.append(o_crowd)
+            all_diff.append(o_diff)
+            offset += len(o_labels)
+        ids = np.arange(len(labels))
+        tensor, out_boxes, out_ids = self.transforms(image, boxes, ids, extra=extra)
+        pick = np.asarray(out_ids, dtype=np.int64)
+        return (
+            tensor,
+            out_boxes,
+            np.concatenate(all_labels)[pick],
+            np.concatenate(all_crowd)[pick],
+            np.concatenate(all_diff)[pick],
+        )
+
+    # ----- export ---------------------------------------------------------------------
+    def to_coco(self) -> dict[str, Any]:
+        """Ground truth as a COCO dict in the ORIGINAL image pixels, whatever the transforms.
+
+        VOC ``difficult`` boxes carry ``"difficult": 1`` and ``"ignore": 1``.
+        """
+        images, annotations = [], []
+        for record in self.records:
+            images.append(
+                {
+                    "id": record.image_id,
+                    "file_name": record.file_name,
+                    "width": record.width,
+                    "height": record.height,
+                }
+            )
+            xywh = xyxy_to_xywh(record.boxes)
+            for box, label, crowd, diff in zip(
+                xywh, record.labels, record.iscrowd, record.difficult, strict=True
+            ):
+                ann = {
+                    "id": len(annotations) + 1,
+                    "image_id": record.image_id,
+                    "category_id": int(self.label_to_category_id[int(label)]),
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": int(crowd),
+                }
+                if diff:
+                    ann["difficult"] = 1
+                    ann["ignore"] = 1
+                annotations.append(ann)
+        categories = [
+            {"id": int(cid), "name": name}
+            for cid, name in zip(self.label_to_category_id, self.class_names, strict=True)
+        ]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes ``C``."""
+        return len(self.class_names)
