@@ -7,6 +7,7 @@ the metric object reuse.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,12 @@ def coco_match(
     areas, thresholds = len(area_ranges), len(iou_thresholds)
     matched = matched.reshape(areas, thresholds, -1)
 
+    if (g_ids == 0).any():
+        warnings.warn(
+            "ground truth has an annotation with id 0: like pycocotools, detections matched "
+            "to it count as unmatched (use ids from 1)",
+            stacklevel=3,
+        )
     is_matched = matched >= 0
     safe = np.where(is_matched, matched, 0)
     # pycocotools stores the gt *id* and tests it for truth: a match to id 0 counts as none.
@@ -174,14 +181,22 @@ def evaluate_coco(
 
         return run_backend(backend, gt, predictions)
     truth = load_ground_truth(gt)
-    pred = load_predictions(predictions, truth)
+    return coco_from_arrays(truth, load_predictions(predictions, truth))
+
+
+def coco_from_arrays(truth: GroundTruth, pred: Predictions, keep_match: bool = False) -> dict:
+    """:func:`evaluate_coco` on loaded arrays; ``keep_match`` adds the matching pass under
+    ``"match"`` and the precision array ``[T, R, K, A]`` under ``"precision"``."""
     match = coco_match(truth, pred)
     precision = coco_precision(
         match.tp, match.fp, match.det_category, match.num_gt, RECALL_THRESHOLDS
     )
     recall = coco_recall(match)
     per_class = [_mean_valid(precision[:, :, k, 0]) for k in range(len(truth.category_ids))]
-    return stats_dict(summarize(precision, recall), per_class, truth)
+    result = stats_dict(summarize(precision, recall), per_class, truth)
+    if keep_match:
+        result.update(match=match, precision=precision)
+    return result
 
 
 def class_keys(truth: GroundTruth) -> list:

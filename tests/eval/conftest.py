@@ -23,7 +23,7 @@ def make_coco_case(seed: int, images: int = 25, classes: int = 4, crowd: float =
                 area = 2e10  # beyond every area range: ignored even for "all"
             anns.append(
                 {
-                    "id": len(anns) + int(seed % 2 == 0),  # even seeds have an id 0
+                    "id": len(anns) + int(seed % 2 == 1),  # even seeds have an id 0
                     "image_id": image_id,
                     "category_id": int(rng.choice(gt_cats)),
                     "bbox": [float(x), float(y), float(w), float(h)],

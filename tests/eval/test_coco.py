@@ -16,6 +16,7 @@ def _reference_per_class(evaluator) -> list[float]:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:ground truth has an annotation with id 0")
 @pytest.mark.parametrize("seed", range(12))
 def test_matches_pycocotools_on_random_sets(seed, coco_case, reference_eval):
     gt, dets = coco_case(seed, crowd=0.15 if seed % 3 else 0.4)
@@ -63,6 +64,13 @@ def test_crowd_iou_uses_detection_area(reference_eval):
     ours = evaluate_coco(gt, dets)
     assert ours["AP"] == pytest.approx(1.0, abs=1e-12)  # 1 / (1 + eps) as in cocoeval
     assert ours["stats"] == pytest.approx(list(reference_eval(gt, dets).stats), abs=1e-12)
+
+
+def test_annotation_id_zero_warns(coco_case):
+    gt, dets = coco_case(0)
+    assert min(a["id"] for a in gt["annotations"]) == 0
+    with pytest.warns(UserWarning, match="annotation with id 0"):
+        evaluate_coco(gt, dets)
 
 
 def test_no_detections_and_files(tmp_path, coco_case):
