@@ -212,6 +212,8 @@ def _roi_pool_fwd_kernel(
             best = tl.where(take, v, best)
             best_idx = tl.where(take, idx[None, :], best_idx)
     out_offs = (k * C + chan).to(tl.int64)[:, None] * PH * PW + bins[None, :]
+    # idle lanes still hold -FLT_MAX, which would overflow a float16 cast
+    best = tl.where(lane_ok, best, 0.0)
     tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=out_mask)
     tl.store(argmax_ptr + out_offs, best_idx, mask=out_mask)
 
