@@ -135,6 +135,7 @@ def test_ddp_gather_counts_each_image_once():
     assert doubled.compute() != expected
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_bad_updates():
     metric = DetectionMetric(num_classes=2)
     with pytest.raises(ValueError, match="before any update"):

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+from rich.console import Console
+
+from detkit.eval import evaluate_coco, evaluate_voc
+from detkit.eval.command import run
+from detkit.eval.report import print_table
+
+
+@pytest.mark.parametrize("protocol", ["coco", "voc07", "voc12"])
+def test_run_writes_metrics_and_plots(tmp_path, coco_case, protocol, capsys):
+    gt, dets = coco_case(7)
+    gt_file, dt_file = tmp_path / "gt.json", tmp_path / "results.json"
+    gt_file.write_text(json.dumps(gt))
+    dt_file.write_text(json.dumps(dets))
+    out = tmp_path / "out"
+    plots = protocol == "coco"  # plotting is the slow part: draw once
+    result = run(gt_file, dt_file, protocol=protocol, output_dir=out, plots=plots)
+    printed = capsys.readouterr().out
+    assert "Per class" in printed and "class0" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in ("pr_curves.png", "f1_curves.png", "confusion_matrix.png"):
+        assert (out / name).exists() == plots
+        assert not plots or (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if protocol == "coco":
+        assert saved["stats"] == evaluate_coco(gt, dets)["stats"]
+        assert saved["AP"] == result["AP"]
+    else:
+        method = "11point" if protocol == "voc07" else "area"
+        assert saved["mAP"] == pytest.approx(evaluate_voc(gt, dets, method=method)["mAP"])
+    matrix = saved["confusion_matrix"]["matrix"]
+    assert len(matrix) == len(gt["categories"]) + 1
+    # every non-crowd gt is either matched or missed exactly once
+    num_gt = sum(1 for a in gt["annotations"] if not a["iscrowd"])
+    assert sum(sum(row) for row in matrix[:-1]) == num_gt
+    assert set(saved["best_f1"]) == {c["name"] for c in gt["categories"]}
+
+
+def test_run_rejects_unknown_protocol(coco_case):
+    gt, dets = coco_case(1)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        run(gt, dets, protocol="voc2012")
+
+
+def test_print_table_for_metric_dict():
+    console = Console(record=True, width=100)
+    print_table({"map": 0.5, "map_50": -1.0, "per_class": {0: 0.25, 1: -1.0}}, ["a", "b"], console)
+    text = console.export_text()
+    assert "map_50" in text and "0.5000" in text and "0.2500" in text
+    assert "a " in text and "b " in text
