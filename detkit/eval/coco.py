@@ -101,8 +101,11 @@ def coco_match(
     is_matched = matched >= 0
     safe = np.where(is_matched, matched, 0)
     # pycocotools stores the gt *id* and tests it for truth: a match to id 0 counts as none.
-    counted = is_matched & (g_ids[safe] != 0)
-    gt_ign_of_match = np.take_along_axis(gt_ignore[:, None, :], safe, axis=2) & is_matched
+    if len(g_ids) == 0:  # nothing to index: no detection can be matched
+        counted = gt_ign_of_match = is_matched
+    else:
+        counted = is_matched & (g_ids[safe] != 0)
+        gt_ign_of_match = np.take_along_axis(gt_ignore[:, None, :], safe, axis=2) & is_matched
     det_area = d_box[:, 2] * d_box[:, 3]
     det_outside = (det_area[None] < lo) | (det_area[None] > hi)  # [A, D]
     det_ignore = gt_ign_of_match | (~counted & det_outside[:, None, :])

@@ -39,7 +39,10 @@ def at_threshold(curve: dict, score_threshold: float) -> dict:
 
 
 def best_f1(curve: dict) -> dict:
-    """The score threshold with the highest F1 (the highest threshold on ties)."""
+    """The score threshold with the highest F1 (the highest threshold on ties); F1 -1 and no
+    threshold for a class without ground truth."""
+    if curve.get("num_gt", 1) == 0:
+        return {"f1": -1.0, "threshold": None, "precision": -1.0, "recall": -1.0}
     if len(curve["f1"]) == 0:
         return {"f1": 0.0, "threshold": float("nan"), "precision": 0.0, "recall": 0.0}
     i = int(np.argmax(curve["f1"]))

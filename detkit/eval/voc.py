@@ -48,7 +48,8 @@ def voc_match(
     overlap[pair_det[first]] = iou[first]
     target[pair_det[first]] = pair_gt[first]
     hit = overlap > iou_threshold
-    on_difficult = hit & difficult[gt_order][np.maximum(target, 0)]
+    target_difficult = np.r_[difficult[gt_order], False][target]  # -1 (no gt) -> False
+    on_difficult = hit & target_difficult
     candidate = hit & ~on_difficult
     tp = np.zeros(num_det, bool)
     _, first_claim = np.unique(np.where(candidate, target, -1), return_index=True)

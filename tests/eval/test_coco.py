@@ -99,3 +99,17 @@ def test_unknown_backend(coco_case):
     gt, dets = coco_case(1)
     with pytest.raises(ValueError, match="unknown backend"):
         evaluate_coco(gt, dets, backend="nope")
+
+
+@pytest.mark.parametrize("variant", ["no_annotations", "all_crowd", "one_image_only"])
+def test_degenerate_sets_match_pycocotools(variant, coco_case, reference_eval):
+    gt, dets = coco_case(3)
+    if variant == "no_annotations":
+        gt = dict(gt, annotations=[])
+    elif variant == "all_crowd":
+        gt = dict(gt, annotations=[dict(a, iscrowd=1) for a in gt["annotations"]])
+    else:
+        dets = [d for d in dets if d["image_id"] == 3]  # the image with > 100 detections
+    ours = evaluate_coco(gt, dets)
+    np.testing.assert_allclose(ours["stats"], reference_eval(gt, dets).stats, rtol=0, atol=1e-12)
+    assert ours["stats"] == [-1.0] * 12 or variant == "one_image_only"

@@ -166,3 +166,8 @@ def test_random_sets_match_a_devkit_port(seed):
     for method, use_07 in (("area", False), ("11point", True)):
         ours = evaluate_voc(gt, dets, iou_threshold=0.5, method=method)["mAP"]
         assert abs(ours - _devkit_voc(gt, dets, 0.5, use_07)) <= 1e-12
+
+
+def test_no_ground_truth_or_no_detections():
+    assert evaluate_voc(_gt([]), DETS)["mAP"] == -1.0  # no positives anywhere: undefined
+    assert evaluate_voc(GT, [])["mAP"] == 0.0
