@@ -97,18 +97,18 @@ class SSDRandomCrop(BaseCrop):
             if bboxes is not None and len(bboxes)
             else np.zeros((0, 4))
         )
-        # None = whole image; -inf = any patch; otherwise the minimum IoU
+        # None = whole image; -inf = any patch; otherwise the minimum IoU with some box
         options = (None, -np.inf, *self.min_ious)
         while True:
             mode = options[self.py_random.randrange(len(options))]
             if mode is None:
-                return {"crop_coords": whole}
+                return {"crop_coords": whole, "min_iou": None}
             for _ in range(self.trials):
                 patch = self._sample_patch(height, width)
                 if self._acceptable(patch, boxes, mode):
-                    return {"crop_coords": patch}
+                    return {"crop_coords": patch, "min_iou": mode}
             if not len(boxes):
-                return {"crop_coords": whole}
+                return {"crop_coords": whole, "min_iou": None}
 
     def _sample_patch(self, height: int, width: int) -> tuple[int, int, int, int]:
         # Caffe SSD's BatchSampler: side scale s, aspect a limited so the patch fits

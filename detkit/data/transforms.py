@@ -133,6 +133,7 @@ def ssd_train(
     max_zoom: float = 4.0,
     min_ious: Sequence[float] = SSD_MIN_IOUS,
     flip_p: float = 0.5,
+    photometric_p: float = 0.5,
 ) -> DetectionTransform:
     """SSD paper recipe: photometric distortion, zoom-out filled with ``mean`` (0..255),
     IoU-constrained random crop, horizontal flip, resize to ``size``."""
@@ -140,7 +141,9 @@ def ssd_train(
     return DetectionTransform(
         [
             # torchvision's SSD photometric distortion ranges, each applied half the time
-            A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5),
+            A.ColorJitter(
+                brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=float(photometric_p)
+            ),
             ZoomOut(max_scale=float(max_zoom), fill=_plain(mean), p=float(zoom_out_p)),
             SSDRandomCrop(min_ious=_plain(min_ious)),
             A.HorizontalFlip(p=float(flip_p)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ def _check_layout(data: Any, path: Path) -> None:
             raise ValueError(f"{path}: images[{i}].file_name must be a string")
         for key in ("width", "height"):
             value = img.get(key, 1)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{path}: images[{i}].{key} must be a positive number")
     for i, cat in enumerate(data.get("categories", [])):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:

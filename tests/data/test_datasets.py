@@ -1,0 +1,208 @@
+"""COCO / VOC / YOLO readers: parsing, sanitising, bad input, to_coco() round trips."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from detkit.data import COCODetection, VOCDetection, YOLODetection
+
+
+def load_with_pycocotools(gt: dict) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))  # must be plain JSON
+        coco.createIndex()
+    return coco
+
+
+def test_coco_items_and_round_trip(coco_dir):
+    image_dir, ann, data = coco_dir
+    ds = COCODetection(image_dir, ann)
+    assert len(ds) == 4
+    assert ds.class_names == [f"c{k}" for k in range(12)]
+    assert ds.label_to_category_id == list(range(10, 22))
+    image, target = ds[1]
+    assert image.dtype == torch.float32 and image.shape == (3, 120, 160)
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    want = np.array([a["bbox"] for a in data["annotations"] if a["image_id"] == 101], np.float32)
+    want[:, 2:] += want[:, :2]
+    torch.testing.assert_close(target["boxes"], torch.from_numpy(want))
+    assert target["labels"].tolist() == [3, 4, 5]
+    assert target["image_id"] == 101 and target["orig_size"].tolist() == [120, 160]
+    gt = ds.to_coco()
+    coco = load_with_pycocotools(gt)
+    assert sorted(coco.getImgIds()) == [100, 101, 102, 103]
+    for a, b in zip(gt["annotations"], data["annotations"], strict=True):
+        assert a["bbox"] == pytest.approx(b["bbox"]) and a["category_id"] == b["category_id"]
+    # the pixels inside each box are its colour (the image really matches its boxes)
+    for box in target["boxes"].round().long().tolist():
+        patch = image[:, box[1] : box[3], box[0] : box[2]]
+        assert patch.std(dim=(1, 2)).max() < 1e-6
+
+
+def test_coco_bad_boxes_are_clipped_or_dropped_and_counted(coco_dir, tmp_path):
+    image_dir, _, data = coco_dir
+    data["annotations"][0]["bbox"] = [-10, -5, 50, 40]  # partly outside: clipped
+    data["annotations"][1]["bbox"] = [10, 10, 0, 5]  # zero width: dropped
+    data["annotations"][2]["bbox"] = [500, 500, 10, 10]  # wholly outside: dropped
+    ann = tmp_path / "bad.json"
+    ann.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"clipped 1 box.*dropped 2"):
+        ds = COCODetection(image_dir, ann)
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[0.0, 0.0, 40.0, 35.0]]
+
+
+def test_coco_negative_images_kept(coco_dir, tmp_path):
+    image_dir, _, data = coco_dir
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 102]
+    ann = tmp_path / "neg.json"
+    ann.write_text(json.dumps(data))
+    ds = COCODetection(image_dir, ann)
+    _, target = ds[2]
+    assert len(ds) == 4 and target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+
+
+def test_coco_missing_and_corrupt_images(coco_dir, tmp_path):
+    image_dir, ann, _ = coco_dir
+    (image_dir / "img3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="img3.png"):
+        COCODetection(image_dir, ann)
+    with pytest.warns(UserWarning, match="skipped 1 missing"):
+        ds = COCODetection(image_dir, ann, skip_bad_images=True)
+    assert len(ds) == 3
+    (image_dir / "img3.png").write_bytes((image_dir / "img2.png").read_bytes())
+    (image_dir / "img1.png").write_bytes(b"not a png")
+    ds = COCODetection(image_dir, ann, skip_bad_images=True)
+    with pytest.raises(ValueError, match="img1.png"):
+        COCODetection(image_dir, ann, skip_bad_images=False)[1]
+    with pytest.warns(UserWarning, match="img1.png"):
+        _, target = ds[1]
+    assert target["image_id"] == 102  # substituted by the next good image
+
+
+def test_coco_malformed_json_names_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"images": [')
+    with pytest.raises(ValueError, match="broken.json.*malformed JSON"):
+        COCODetection(tmp_path, bad)
+    ann = {"image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}
+    images = [{"id": 1, "file_name": "a.png"}]
+    bad.write_text(json.dumps({"images": images, "categories": [], "annotations": [ann]}))
+    with pytest.raises(ValueError, match="unknown category_id 3"):
+        COCODetection(tmp_path, bad)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        COCODetection(tmp_path, tmp_path / "nope.json")
+
+
+def write_voc(root: Path, objects_per_image: list[list[tuple]], ext: str = ".jpg") -> None:
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i, objects in enumerate(objects_per_image):
+        image_id = f"2007_{i:06d}"
+        ids.append(image_id)
+        Image.new("RGB", (200, 100), (40, 40, 40)).save(root / "JPEGImages" / f"{image_id}{ext}")
+        objs = "".join(
+            f"<object><name>{n}</name><difficult>{int(d)}</difficult><bndbox><xmin>{b[0]}</xmin>"
+            f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+            for n, b, d in objects
+        )
+        xml = (
+            f"<annotation><filename>{image_id}{ext}</filename><size><width>200</width>"
+            f"<height>100</height><depth>3</depth></size>{objs}</annotation>"
+        )
+        (root / "Annotations" / f"{image_id}.xml").write_text(xml)
+    (root / "ImageSets/Main/train.txt").write_text("\n".join(ids) + "\n")
+
+
+def test_voc_parse_difficult_and_round_trip(tmp_path):
+    write_voc(
+        tmp_path,
+        [[("dog", (11, 21, 60, 80), False), ("cat", (100, 10, 150, 90), True)], []],
+        ext=".png",
+    )
+    ds = VOCDetection(tmp_path, "train")
+    assert ds.class_names == ["cat", "dog"]  # discovered, sorted
+    _, target = ds[0]
+    # VOC's 1-based inclusive pixels become 0-based continuous coordinates
+    assert target["boxes"].tolist() == [[10.0, 20.0, 60.0, 80.0], [99.0, 9.0, 150.0, 90.0]]
+    assert target["labels"].tolist() == [1, 0]
+    assert target["difficult"].tolist() == [False, True]
+    assert ds[1][1]["boxes"].shape == (0, 4)  # negatives kept
+    gt = ds.to_coco()
+    coco = load_with_pycocotools(gt)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[target["image_id"]]))
+    assert [a.get("ignore", 0) for a in anns] == [0, 1]
+    assert anns[0]["bbox"] == [10.0, 20.0, 50.0, 60.0]
+    no_difficult = VOCDetection(tmp_path, "train", use_difficult=False)
+    assert no_difficult[0][1]["labels"].tolist() == [1]
+    assert len(no_difficult.to_coco()["annotations"]) == 2  # eval still sees them
+
+
+def test_voc_unknown_class_and_bad_xml(tmp_path):
+    write_voc(tmp_path, [[("zebra", (1, 1, 5, 5), False)]])
+    with pytest.raises(ValueError, match=r"unknown class name\(s\) \['zebra'\]; known: \['cat'"):
+        VOCDetection(tmp_path, "train", class_names=["cat", "dog"])
+    xml = next((tmp_path / "Annotations").iterdir())
+    xml.write_text("<annotation><object><name>cat</name></object")
+    with pytest.raises(ValueError, match=f"{xml.name}.*malformed XML"):
+        VOCDetection(tmp_path, "train")
+    xml.write_text("<annotation><object><name>cat</name><bndbox><xmin>a</xmin></bndbox>"
+                   "</object></annotation>")  # fmt: skip
+    with pytest.raises(ValueError, match=f"{xml.name}.*not a number"):
+        VOCDetection(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="val.txt"):
+        VOCDetection(tmp_path, "val")
+
+
+def write_yolo(root: Path, names, rows_per_image, split="train", yaml_names=True):
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True)
+    for i, rows in enumerate(rows_per_image):
+        Image.new("RGB", (200, 100)).save(root / "images" / split / f"{i}.jpg")
+        if rows is not None:
+            text = "\n".join(" ".join(str(v) for v in r) for r in rows)
+            (root / "labels" / split / f"{i}.txt").write_text(text)
+    if yaml_names:
+        (root / "data.yaml").write_text(
+            f"path: {root}\ntrain: images/train\nval: images/val\nnames: {names}\n"
+        )
+
+
+@pytest.mark.parametrize("names", [["a", "b"], {0: "a", 1: "b"}])
+def test_yolo_parse_and_round_trip(tmp_path, names):
+    write_yolo(tmp_path, names, [[(1, 0.5, 0.5, 0.2, 0.4), (0, 0.1, 0.1, 0.1, 0.1)], None])
+    for root in (tmp_path, tmp_path / "data.yaml"):
+        ds = YOLODetection(root, "train")
+        assert ds.class_names == ["a", "b"] and len(ds) == 2
+        _, target = ds[0]
+        torch.testing.assert_close(
+            target["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [10.0, 5.0, 30.0, 15.0]])
+        )
+        assert target["labels"].tolist() == [1, 0]
+        assert ds[1][1]["boxes"].shape == (0, 4)  # no label file: a negative
+    coco = load_with_pycocotools(ds.to_coco())
+    got = np.array([a["bbox"] for a in coco.loadAnns(coco.getAnnIds())])
+    np.testing.assert_allclose(got, [[80.0, 30.0, 40.0, 40.0], [10.0, 5.0, 20.0, 10.0]], rtol=1e-6)
+
+
+def test_yolo_bad_labels(tmp_path):
+    write_yolo(tmp_path, ["a"], [[(3, 0.5, 0.5, 0.2, 0.2)]])
+    with pytest.raises(ValueError, match=r"0\.txt:1: unknown class id 3; known: \{0: 'a'\}"):
+        YOLODetection(tmp_path, "train")
+    (tmp_path / "labels/train/0.txt").write_text("0 0.5 0.5\n")
+    with pytest.raises(ValueError, match=r"0\.txt:1: expected 5 values"):
+        YOLODetection(tmp_path, "train")
+    (tmp_path / "data.yaml").write_text("names: [a\n")
+    with pytest.raises(ValueError, match="data.yaml: malformed YAML"):
+        YOLODetection(tmp_path, "train")

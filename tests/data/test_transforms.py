@@ -1,0 +1,148 @@
+"""Boxes stay consistent with the pixels through every recipe; eval maps back exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from detkit.data import COCODetection, boxes_to_original
+from detkit.data import transforms as T
+from detkit.data.ssd_augment import SSDRandomCrop, ZoomOut
+
+
+def colour_mask(image: torch.Tensor, colour) -> np.ndarray:
+    pixels = (image.permute(1, 2, 0).numpy() * 255).astype(np.int32)
+    return np.abs(pixels - np.array(colour)).max(axis=2) < 40
+
+
+def assert_boxes_match_colours(image, target: dict, colours: list, coverage: bool) -> None:
+    """Each box is filled with its label's colour and (``coverage``) that colour appears
+    only in boxes; SSD's crop legitimately drops boxes whose centre left the patch."""
+    seen = set()
+    for box, label in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
+        x1, y1, x2, y2 = box
+        assert 0 <= x1 < x2 <= image.shape[2] + 1e-3 and 0 <= y1 < y2 <= image.shape[1] + 1e-3
+        mask = colour_mask(image, colours[label])
+        if x2 - x1 >= 6 and y2 - y1 >= 6:  # interior (away from blurred edges) is the colour
+            inner = mask[int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2]
+            assert inner.mean() > 0.9, (box, label, inner.mean())
+        seen.add(label)
+    for label in range(len(colours) if coverage else 0):
+        mask = colour_mask(image, colours[label])
+        allowed = np.zeros_like(mask)
+        for box, lab in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
+            if lab == label:
+                x1, y1, x2, y2 = box
+                allowed[max(int(y1) - 2, 0) : int(y2) + 3, max(int(x1) - 2, 0) : int(x2) + 3] = 1
+        stray = mask & ~allowed.astype(bool)
+        # a colour left outside every box may only be a sliver of a box dropped at an edge
+        assert stray.sum() <= 4 * max(image.shape[1:]), (label, stray.sum())
+
+
+PIPELINES = {
+    "ssd_train": lambda: T.ssd_train(160, photometric_p=0.0),
+    "ssd_eval": lambda: T.ssd_eval(96),
+    "yolo_train": lambda: T.yolo_train(128, mosaic_p=0.7, hsv_gains=(0, 0, 0)),
+    "rcnn_train": lambda: T.rcnn_train(150, 200),
+    "eval_resize": lambda: T.eval_resize([80, 120]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_boxes_follow_pixels(coco_dir, colours, name):
+    image_dir, ann, _ = coco_dir
+    ds = COCODetection(image_dir, ann, transforms=PIPELINES[name]())
+    ds.reseed(1)
+    for step in range(24):
+        image, target = ds[step % len(ds)]
+        assert image.dtype == torch.float32 and image.shape[0] == 3
+        assert target["size"].tolist() == list(image.shape[1:])
+        assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+        assert len(target["iscrowd"]) == len(target["labels"]) == len(target["boxes"])
+        assert_boxes_match_colours(image, target, colours, coverage=name != "ssd_train")
+
+
+def test_yolo_mosaic_mixes_images(coco_dir):
+    image_dir, ann, _ = coco_dir
+    ds = COCODetection(image_dir, ann, transforms=T.yolo_train(128, mosaic_p=1.0))
+    ds.reseed(0)
+    sources = [set((target["labels"] // 3).tolist()) for _, target in (ds[0] for _ in range(6))]
+    assert any(len(s) > 1 for s in sources)  # boxes from several source images
+
+
+@pytest.mark.parametrize(
+    "pipeline", [T.eval_resize(64), T.eval_resize([90, 50]), T.rcnn_eval(60, 90)]
+)
+def test_eval_boxes_map_back_to_original_pixels(coco_dir, pipeline):
+    image_dir, ann, _ = coco_dir
+    raw = COCODetection(image_dir, ann)
+    resized = COCODetection(image_dir, ann, transforms=pipeline)
+    for i in range(len(raw)):
+        _, want = raw[i]
+        _, got = resized[i]
+        back = boxes_to_original(got["boxes"], got["size"], got["orig_size"])
+        torch.testing.assert_close(back, want["boxes"], atol=1e-3, rtol=1e-4)
+
+
+def test_rcnn_scale_rule():
+    image = np.zeros((100, 300, 3), np.uint8)
+    tensor, boxes, ids = T.rcnn_eval(600, 1000)(image, np.array([[0, 0, 30, 10]]), np.array([0]))
+    assert tensor.shape == (3, 333, 1000)  # min(600/100, 1000/300) = 3.33
+    np.testing.assert_allclose(boxes, [[0, 0, 100, 33.3]], atol=0.1)
+
+
+def test_ssd_crop_keeps_boxes_by_centre_and_meets_min_iou():
+    crop = SSDRandomCrop(min_ious=(0.5,), min_scale=0.3)
+    crop.set_random_seed(0)
+    boxes = np.array([[0.1, 0.1, 0.6, 0.5], [0.6, 0.6, 0.95, 0.9]], np.float32)
+    modes = set()
+    for _ in range(40):
+        params = crop.get_params_dependent_on_data({"shape": (200, 200, 3)}, {"bboxes": boxes})
+        x1, y1, x2, y2 = params["crop_coords"]
+        modes.add(params["min_iou"])
+        assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 200
+        if params["min_iou"] is None:
+            assert (x1, y1, x2, y2) == (0, 0, 200, 200)
+        if params["min_iou"] == 0.5:
+            px = boxes * 200
+            inter = np.clip(
+                np.minimum(px[:, 2:], [x2, y2]) - np.maximum(px[:, :2], [x1, y1]), 0, None
+            )
+            inter = inter.prod(1)
+            union = (px[:, 2:] - px[:, :2]).prod(1) + (x2 - x1) * (y2 - y1) - inter
+            assert (inter / union).max() >= 0.5 - 1e-6
+        kept = crop.apply_to_bboxes(boxes, crop_coords=params["crop_coords"], shape=(200, 200))
+        centres = (boxes[:, :2] + boxes[:, 2:]) * 100
+        inside = ((centres > [x1, y1]) & (centres < [x2, y2])).all(1)
+        assert len(kept) == inside.sum()
+    assert modes == {None, -np.inf, 0.5}
+
+
+def test_zoom_out_fills_with_mean_and_shifts_boxes():
+    zoom = ZoomOut(max_scale=3.0, fill=(10, 20, 30), p=1.0)
+    zoom.set_random_seed(3)
+    image = np.full((40, 50, 3), 200, np.uint8)
+    params = zoom.get_params_dependent_on_data({"shape": image.shape}, {})
+    out = zoom.apply(image, **params)
+    top, left = params["offset"]
+    assert out.shape[:2] == params["canvas"]
+    assert (out[top : top + 40, left : left + 50] == 200).all()
+    assert (out[out[..., 0] != 200] == [10, 20, 30]).all()
+    box = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)
+    moved = zoom.apply_to_bboxes(box, shape=image.shape, **params)
+    h, w = params["canvas"]
+    np.testing.assert_allclose(moved[0], [left / w, top / h, (left + 50) / w, (top + 40) / h])
+
+
+def test_builders_accept_hydra_lists():
+    cfg = OmegaConf.create({"size": [64, 96], "mean": [1, 2, 3], "ious": [0.5, 0.7]})
+    pipeline = T.ssd_train(cfg.size, mean=cfg.mean, min_ious=cfg.ious)
+    tensor, _, _ = pipeline(np.zeros((50, 50, 3), np.uint8), np.zeros((0, 4)), np.zeros(0))
+    assert tensor.shape == (3, 64, 96)
+
+
+def test_bad_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="transform size"):
+        T.eval_resize([1, 2, 3])
