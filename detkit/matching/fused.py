@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 # Priors per chunk are chosen so that a chunk's IoU block holds about this many elements.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 
 class MatchStats(NamedTuple):
