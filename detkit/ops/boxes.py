@@ -239,7 +239,8 @@ def diou_loss(boxes1: Tensor, boxes2: Tensor, reduction: str = "none", eps: floa
 
 def ciou_loss(boxes1: Tensor, boxes2: Tensor, reduction: str = "none", eps: float = 1e-7):
     """Complete-IoU loss of aligned boxes; equals ``torchvision.ops.complete_box_iou_loss``."""
-    a, b, iou, loss = _diou_loss_terms(boxes1, boxes2, reduction, eps, "ciou_loss")
+    # torchvision's complete_box_iou_loss uses eps only in alpha (its DIoU part keeps 1e-7).
+    a, b, iou, loss = _diou_loss_terms(boxes1, boxes2, reduction, 1e-7, "ciou_loss")
     v = _aspect_term(
         b[..., 2] - b[..., 0], b[..., 3] - b[..., 1], a[..., 2] - a[..., 0], a[..., 3] - a[..., 1]
     )

@@ -72,8 +72,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     a, b = _common_float(upcast_float32(boxes1), upcast_float32(boxes2))
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     n, m = a.shape[-2], b.shape[-2]
-    a = a.expand(*batch, n, 4).reshape(-1, n, 4).contiguous()
-    b = b.expand(*batch, m, 4).reshape(-1, m, 4).contiguous()
+    flat = int(torch.Size(batch).numel())
+    a = a.expand(*batch, n, 4).reshape(flat, n, 4).contiguous()
+    b = b.expand(*batch, m, 4).reshape(flat, m, 4).contiguous()
     out = torch.empty((a.shape[0], n, m), dtype=a.dtype, device=a.device)
     if out.numel() > 0:
         grid = (triton.cdiv(n, 32), triton.cdiv(m, 32), a.shape[0])
