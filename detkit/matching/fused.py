@@ -53,6 +53,31 @@ def _masked_iou(priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor) -> Tensor:
     return iou.masked_fill_(~gt_mask[:, :, None], float("-inf"))
 
 
+class _ChunkIoU:
+    """IoU ``[B, M, C]`` of a chunk of priors, computed for the real ground truth only.
+
+    Padding is often half of ``B * M`` (images have few boxes, the batch pads to the most),
+    so the real rows are computed together and copied into a buffer whose padded rows stay
+    -inf; the values are those of :func:`_masked_iou` bit for bit.
+    """
+
+    def __init__(self, priors: Tensor, gt_boxes: Tensor, gt_mask: Tensor, chunk_size: int):
+        self.priors, self.chunk_size = priors, chunk_size
+        self.shape = gt_mask.shape
+        self.rows = gt_mask.reshape(-1).nonzero().squeeze(1)
+        self.real_boxes = gt_boxes.reshape(-1, 4)[self.rows]
+        size = min(chunk_size, len(priors))
+        self.buffer = torch.full((gt_mask.numel(), size), float("-inf"), device=priors.device)
+
+    def __call__(self, start: int) -> Tensor:
+        from detkit.ops import box_iou
+
+        chunk = self.priors[start : start + self.chunk_size]
+        out = self.buffer[:, : len(chunk)]
+        out.index_copy_(0, self.rows, box_iou(self.real_boxes, chunk))
+        return out.view(*self.shape, len(chunk))
+
+
 def stats_from_iou(iou: Tensor, gt_mask: Tensor, need_ties: bool = False) -> MatchStats:
     """Match statistics from a dense quality matrix ``iou [B, M, P]`` (any float values)."""
     if iou.dim() != 3 or gt_mask.shape != iou.shape[:2]:
@@ -111,8 +136,9 @@ def match_stats_chunked(
     argmax = torch.empty(batch, num, dtype=torch.int64, device=device)
     gt_max = torch.full((batch, most), float("-inf"), device=device)
     gt_arg = torch.zeros(batch, most, dtype=torch.int64, device=device)
+    chunk_iou = _ChunkIoU(priors, gt_boxes, gt_mask, chunk_size)
     for start in range(0, num, chunk_size):
-        iou = _masked_iou(priors[start : start + chunk_size], gt_boxes, gt_mask)
+        iou = chunk_iou(start)
         torch.max(iou, dim=1, out=(max_iou[:, start : start + chunk_size],
                                    argmax[:, start : start + chunk_size]))  # fmt: skip
         chunk_max, chunk_arg = iou.max(dim=2)
@@ -124,8 +150,7 @@ def match_stats_chunked(
     if need_ties:
         ties = torch.empty(batch, num, dtype=torch.bool, device=device)
         for start in range(0, num, chunk_size):
-            iou = _masked_iou(priors[start : start + chunk_size], gt_boxes, gt_mask)
-            hit = (iou == gt_max[:, :, None]) & gt_mask[:, :, None]
+            hit = (chunk_iou(start) == gt_max[:, :, None]) & gt_mask[:, :, None]
             ties[:, start : start + chunk_size] = hit.any(dim=1)
     has_gt = gt_mask.any(dim=1, keepdim=True)
     max_iou = torch.where(has_gt, max_iou, torch.zeros_like(max_iou))
