@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) tools/bench.py
+	$(PY) tools/bench.py $(BENCH)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check detkit tests tools

@@ -32,7 +32,7 @@ def train(cfg: DictConfig) -> dict:
         model=instantiate(cfg.model),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        metric=build_metric(),
+        metric=build_metric(cfg.data),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
@@ -69,26 +69,31 @@ def best_checkpoint(trainer: L.Trainer) -> Path | None:
     return None
 
 
-def build_metric():
+def build_metric(data_cfg: DictConfig):
     from detkit.eval import DetectionMetric
 
-    return DetectionMetric()
+    names = data_cfg.get("class_names")
+    return DetectionMetric(
+        num_classes=data_cfg.num_classes, class_names=list(names) if names else None
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """``detkit eval``: a results file against ground truth, or a checkpoint on a dataset."""
-    from detkit.eval.command import run as evaluate_files
-
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("gt") is not None or cfg.get("predictions") is not None:
         if cfg.get("gt") is None or cfg.get("predictions") is None:
             raise UserError("evaluating files needs both gt=<coco.json> and predictions=<results>")
+        from detkit.eval.command import run as evaluate_files
+
         return evaluate_files(
             gt=cfg.gt,
             predictions=cfg.predictions,
             protocol=cfg.protocol,
             output_dir=output_dir,
             backend=cfg.backend,
+            score_threshold=cfg.score_threshold,
+            plots=cfg.plots,
         )
     if cfg.get("ckpt") is None:
         raise UserError("say what to evaluate: ckpt=<checkpoint>, or gt=<json> predictions=<json>")
@@ -101,6 +106,7 @@ def evaluate(cfg: DictConfig) -> dict:
         data=data,
         protocol=cfg.protocol,
         batch_size=cfg.batch_size,
+        score_threshold=cfg.score_threshold,
     )
 
 
@@ -111,6 +117,7 @@ def evaluate_checkpoint(
     data: dict | None = None,
     protocol: str = "coco",
     batch_size: int = 8,
+    score_threshold: float = 0.25,
 ) -> dict:
     """Run a checkpoint over a dataset split, write COCO results JSON, then evaluate them.
 
@@ -133,7 +140,11 @@ def evaluate_checkpoint(
     gt_path.write_text(json.dumps(dataset.to_coco()))
     log.info("wrote %d detections to %s", len(results), results_path)
     return evaluate_files(
-        gt=str(gt_path), predictions=str(results_path), protocol=protocol, output_dir=output_dir
+        gt=str(gt_path),
+        predictions=str(results_path),
+        protocol=protocol,
+        output_dir=output_dir,
+        score_threshold=score_threshold,
     )
 
 

@@ -1,0 +1,108 @@
+"""``detkit predict``: detections drawn on images, and written as JSON in original pixels."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+from detkit.data.datasets.base import load_rgb
+from detkit.engine.checkpoint import load_detector
+from detkit.engine.module import box_scale
+from detkit.errors import UserError
+
+log = logging.getLogger("detkit")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def find_images(source: str | Path) -> list[Path]:
+    """The image files named by ``source``: one file, a folder's images, or a glob pattern."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True))
+        files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise UserError(
+            f"source={source} names no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files
+
+
+@torch.inference_mode()
+def predict_images(
+    ckpt: str | Path,
+    source: str | Path,
+    output_dir: Path,
+    score_threshold: float = 0.3,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Run a checkpoint on images; write ``<name>.png`` with boxes drawn and ``detections.json``."""
+    model, config = load_detector(ckpt)
+    transforms = instantiate(config.transforms.eval)
+    class_names = list(config.data.get("class_names") or range(config.data.num_classes))
+    files = find_images(source)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        originals = [load_rgb(path) for path in chunk]
+        inputs = [
+            transforms(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), extra=[])[0]
+            for image in originals
+        ]
+        images = _stack(inputs)
+        detections = model(images).detections
+        for path, original, tensor, det in zip(chunk, originals, inputs, detections, strict=True):
+            keep = det["scores"] >= score_threshold
+            scale = box_scale(tensor.shape[-2:], original.shape[:2])
+            boxes = det["boxes"][keep] * scale
+            scores, labels = det["scores"][keep], det["labels"][keep]
+            names = [str(class_names[int(i)]) for i in labels]
+            drawn = output_dir / f"{path.stem}.png"
+            _draw(original, boxes, names, scores).save(drawn)
+            written.append(
+                {
+                    "file": str(path),
+                    "drawn": str(drawn),
+                    "detections": [
+                        {"box": box, "score": score, "label": int(label), "class_name": name}
+                        for box, score, label, name in zip(
+                            boxes.tolist(), scores.tolist(), labels.tolist(), names, strict=True
+                        )
+                    ],
+                }
+            )
+    (output_dir / "detections.json").write_text(json.dumps(written, indent=1))
+    log.info("drew detections on %d images in %s", len(written), output_dir)
+    return written
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Zero-pad to the largest image, as the training collate does."""
+    height = max(t.shape[-2] for t in tensors)
+    width = max(t.shape[-1] for t in tensors)
+    batch = torch.zeros(len(tensors), 3, height, width)
+    for i, t in enumerate(tensors):
+        batch[i, :, : t.shape[-2], : t.shape[-1]] = t
+    return batch
+
+
+def _draw(
+    image: np.ndarray, boxes: torch.Tensor, names: list[str], scores: torch.Tensor
+) -> Image.Image:
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    labels = [f"{name} {score:.2f}" for name, score in zip(names, scores.tolist(), strict=True)]
+    width = max(1, round(max(image.shape[:2]) / 200))
+    drawn = draw_bounding_boxes(pixels, boxes, labels=labels, colors="red", width=width)
+    return Image.fromarray(drawn.permute(1, 2, 0).numpy())

@@ -1,0 +1,115 @@
+"""Fakes shared by the tests: a tiny dataset of coloured squares and a detector stand-in.
+
+They exercise the engine (training loop, checkpoints, resume, metrics) without the cost of
+a real detector; real detectors have their own end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from detkit.structures import DetectorOutput
+
+
+class SquaresDataset(Dataset):
+    """``n`` images of ``size`` pixels, each with one or two filled squares of known class."""
+
+    def __init__(self, n: int = 8, size: int = 64, num_classes: int = 2, seed: int = 0):
+        self.size = size
+        self.class_names = [f"class{i}" for i in range(num_classes)]
+        # Dataset-side ids deliberately differ from labels, as COCO category ids do.
+        self.label_to_category_id = [10 + i for i in range(num_classes)]
+        gen = torch.Generator().manual_seed(seed)
+        self.items = []
+        for image_id in range(n):
+            count = int(torch.randint(1, 3, (1,), generator=gen))
+            side = torch.randint(size // 6, size // 3, (count,), generator=gen).float()
+            x1 = torch.rand(count, generator=gen) * (size - side)
+            y1 = torch.rand(count, generator=gen) * (size - side)
+            boxes = torch.stack([x1, y1, x1 + side, y1 + side], dim=1).round()
+            labels = torch.randint(0, num_classes, (count,), generator=gen)
+            self.items.append((image_id, boxes, labels))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        image_id, boxes, labels = self.items[index]
+        image = torch.zeros(3, self.size, self.size)
+        for box, label in zip(boxes.long().tolist(), labels.tolist(), strict=True):
+            image[label % 3, box[1] : box[3], box[0] : box[2]] = 1.0
+        target = {
+            "boxes": boxes.clone(),
+            "labels": labels.clone(),
+            "image_id": image_id,
+            "orig_size": torch.tensor([self.size, self.size]),
+            "size": torch.tensor([self.size, self.size]),
+        }
+        return image, target
+
+    def to_coco(self) -> dict:
+        images, annotations = [], []
+        for image_id, boxes, labels in self.items:
+            images.append({"id": image_id, "width": self.size, "height": self.size})
+            for box, label in zip(boxes.tolist(), labels.tolist(), strict=True):
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": self.label_to_category_id[label],
+                        "bbox": [box[0], box[1], w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                    }
+                )
+        categories = [
+            {"id": cid, "name": name}
+            for cid, name in zip(self.label_to_category_id, self.class_names, strict=True)
+        ]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+
+class FakeDetector(nn.Module):
+    """Predicts every ground-truth box it is shown during training, after it has learnt to.
+
+    Its one parameter drifts towards 1 under the loss; its detections are the boxes of the
+    squares it finds by thresholding the image, scored by ``sigmoid(4 * weight)``. That makes
+    a loss that falls, detections that are right once trained, and a state dict to save.
+    """
+
+    def __init__(self, num_classes: int = 2, image_size: int = 64):
+        super().__init__()
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, images: Tensor, targets: list[dict] | None = None) -> DetectorOutput:
+        out = DetectorOutput()
+        if targets is not None:
+            out.losses = {"fake": ((self.weight - 1) ** 2).sum() + 0 * images.mean()}
+        if not self.training:
+            out.detections = [self._find_squares(image) for image in images]
+        return out
+
+    def _find_squares(self, image: Tensor) -> dict[str, Tensor]:
+        score = torch.sigmoid(4 * self.weight.detach())
+        boxes, labels = [], []
+        for channel in range(min(3, self.num_classes)):
+            ys, xs = torch.nonzero(image[channel] > 0.5, as_tuple=True)
+            if len(xs):
+                boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
+                labels.append(channel)
+        if not boxes:
+            return {
+                "boxes": torch.zeros(0, 4),
+                "scores": torch.zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64),
+            }
+        return {
+            "boxes": torch.stack(boxes),
+            "scores": score.expand(len(boxes)).clone(),
+            "labels": torch.tensor(labels),
+        }
