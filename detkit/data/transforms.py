@@ -196,18 +196,21 @@ def yolo_eval(size: int = 416) -> DetectionTransform:
     return eval_resize(size)
 
 
-def rcnn_train(min_size: int = 600, max_size: int = 1000, flip_p: float = 0.5):
+def rcnn_train(min_size: int = 600, max_size: int | None = None, flip_p: float = 0.5):
     """Faster R-CNN recipe: shorter side to ``min_size`` with the longer side at most
-    ``max_size`` (scale = min(min_size/short, max_size/long)), horizontal flip."""
+    ``max_size`` (scale = min(min_size/short, max_size/long)), horizontal flip.
+    ``max_size=None`` keeps the papers' 5:3 ratio (600 -> 1000, 800 -> 1333)."""
     return DetectionTransform([*_rcnn_resize(min_size, max_size), A.HorizontalFlip(p=flip_p)])
 
 
-def rcnn_eval(min_size: int = 600, max_size: int = 1000) -> DetectionTransform:
+def rcnn_eval(min_size: int = 600, max_size: int | None = None) -> DetectionTransform:
     """Faster R-CNN eval: the same deterministic rescale, no flip."""
     return DetectionTransform(_rcnn_resize(min_size, max_size))
 
 
-def _rcnn_resize(min_size: int, max_size: int) -> list[A.BasicTransform]:
+def _rcnn_resize(min_size: int, max_size: int | None) -> list[A.BasicTransform]:
+    if max_size is None:
+        max_size = round(int(min_size) * 5 / 3)
     return [RescaleMinMax(int(min_size), int(max_size))]
 
 

@@ -1,0 +1,68 @@
+"""``detkit data digits|browse|stats|anchors``: build, look at and summarise datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.data.datasets.base import DetectionDataset
+from detkit.data.datasets.digits import build_digits
+from detkit.data.inspect import browse_grid, dataset_stats, print_stats
+
+ACTIONS = ("digits", "browse", "stats", "anchors")
+
+
+def build_split(cfg: DictConfig, raw: bool = False) -> DetectionDataset:
+    """Instantiate ``cfg.data.datamodule.<cfg.split>`` (without transforms when ``raw``)."""
+    split = cfg.get("split", "train")
+    node = cfg.data.datamodule.get(split)
+    if node is None:
+        known = [k for k in ("train", "val", "test") if cfg.data.datamodule.get(k) is not None]
+        raise ValueError(f"the data config has no {split!r} split; it has {known}")
+    node = OmegaConf.to_container(node, resolve=True)
+    if raw and "transforms" in node:
+        node["transforms"] = None
+    return instantiate(node)
+
+
+def run(cfg: DictConfig) -> None:
+    """Dispatch ``cfg.action``."""
+    action = cfg.get("action")
+    if action == "digits":
+        paths = build_digits(cfg.out, int(cfg.n_train), int(cfg.n_val), int(cfg.seed),
+                             int(cfg.image_size))  # fmt: skip
+        print(f"digits dataset ready in {paths['root']}")
+        for split in ("train", "val"):
+            print(
+                f"  {split}: images {paths[f'{split}_images']}  COCO json {paths[f'{split}_ann']}"
+            )
+    elif action == "browse":
+        dataset = build_split(cfg, raw=bool(cfg.get("raw", False)))
+        out = _browse_file(cfg)
+        browse_grid(dataset, n=int(cfg.n), columns=int(cfg.get("columns", 4)), path=out,
+                    seed=int(cfg.get("seed", 0)))  # fmt: skip
+        print(f"wrote {out}")
+    elif action == "stats":
+        dataset = build_split(cfg, raw=True)
+        print_stats(dataset_stats(dataset), dataset.class_names)
+    elif action == "anchors":
+        from detkit.matching.anchors import fit_anchors_from_dataset  # the lead wires this
+
+        dataset = build_split(cfg, raw=True)
+        anchors = fit_anchors_from_dataset(dataset, int(cfg.k), int(cfg.model.image_size))
+        print(np.asarray(anchors).round(1).tolist())
+    else:
+        raise ValueError(f"unknown data action {action!r}; choose one of {list(ACTIONS)}")
+
+
+def _browse_file(cfg: DictConfig) -> Path:
+    if cfg.get("file"):
+        return Path(cfg.file)
+    try:
+        base = Path(cfg.paths.output_dir)
+    except Exception:  # no Hydra run (e.g. compose API): write beside the caller
+        base = Path.cwd()
+    return base / f"browse_{cfg.get('split', 'train')}.png"
