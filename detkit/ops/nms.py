@@ -56,8 +56,19 @@ def _common_float(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     return boxes.to(dtype), scores.to(dtype)
 
 
+def _descending_key(scores: Tensor) -> Tensor:
+    """int64 keys whose ascending order is the float32 scores' descending order."""
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    return 0xFFFFFFFF - ordered
+
+
 def group_order(scores: Tensor, groups: Tensor) -> Tensor:
     """Permutation sorting by (group, score descending, index) - torchvision's visit order."""
+    if scores.dtype == torch.float32 and scores.numel() > 0:
+        # One stable sort of a (group, score) composite key instead of two stable sorts.
+        key = groups.to(torch.int64) * (1 << 32) + _descending_key(scores)
+        return torch.sort(key, stable=True).indices
     by_score = torch.sort(scores, descending=True, stable=True).indices
     return by_score[torch.sort(groups[by_score], stable=True).indices]
 
@@ -185,18 +196,19 @@ def _rank_in_sorted(keys: Tensor) -> Tensor:
 
 
 def _candidates(scores: Tensor, score_threshold: float, per_class_top_k: int | None):
-    """(image, class, box) of every score above the threshold, in (image, class, rank) order.
-
-    With ``per_class_top_k`` only the k best boxes of each (image, class) stay (SSD's rule).
-    """
+    """(image, class, box, score) of every score above the threshold, in (image, class, box)
+    order. With ``per_class_top_k`` only the k best of each (image, class) stay (SSD's rule;
+    equal scores keep the lower box index)."""
     by_class = upcast_float32(scores).transpose(1, 2)  # [B, C, N]
-    if per_class_top_k is not None and per_class_top_k < by_class.shape[2]:
-        masked = by_class.masked_fill(~(by_class > score_threshold), -math.inf)
-        values, box_idx = masked.topk(per_class_top_k, dim=2)
-        image, label, rank = torch.nonzero(values > score_threshold, as_tuple=True)
-        return image, label, box_idx[image, label, rank], values[image, label, rank]
     image, label, box = torch.nonzero(by_class > score_threshold, as_tuple=True)
-    return image, label, box, by_class[image, label, box]
+    cand_scores = by_class[image, label, box]
+    if per_class_top_k is not None:
+        groups = image * by_class.shape[1] + label
+        order = group_order(cand_scores, groups)
+        best = order[_rank_in_sorted(groups[order]) < per_class_top_k]
+        best = torch.sort(best).values
+        image, label, box, cand_scores = image[best], label[best], box[best], cand_scores[best]
+    return image, label, box, cand_scores
 
 
 def _top_per_image(image: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -204,8 +216,7 @@ def _top_per_image(image: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tenso
 
     Order of the result: (image, score descending, candidate index).
     """
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    by_image = by_score[torch.sort(image[by_score], stable=True).indices]
+    by_image = group_order(scores, image)
     rank = _rank_in_sorted(image[by_image])
     return by_image[rank < k], rank[rank < k]
 
