@@ -1,0 +1,151 @@
+"""Darknet-style CSP trunk for the YOLO detectors, and a wrapper that exposes the stride 8/16/32
+maps of the torchvision trunks (without SSD's extra layers).
+
+Every backbone returns a list of feature maps (finest first) and exposes ``out_channels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv (no bias) + BatchNorm + SiLU, the unit of CSP-Darknet (YOLOv4/v5 style)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.03),
+            nn.SiLU(inplace=True),
+        )
+
+
+class Bottleneck(nn.Module):
+    """1x1 then 3x3 convolution with an optional residual connection."""
+
+    def __init__(self, channels: int, shortcut: bool = True) -> None:
+        super().__init__()
+        self.conv1 = ConvBNAct(channels, channels, 1)
+        self.conv2 = ConvBNAct(channels, channels, 3)
+        self.shortcut = shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv2(self.conv1(x))
+        return x + y if self.shortcut else y
+
+
+class CSPBlock(nn.Module):
+    """Cross-stage partial block: half the channels go through ``depth`` bottlenecks, the other
+    half bypass them, and a 1x1 convolution fuses the two (CSPNet; YOLOv5's C3)."""
+
+    def __init__(self, in_ch: int, out_ch: int, depth: int = 1, shortcut: bool = True) -> None:
+        super().__init__()
+        hidden = out_ch // 2
+        self.main = ConvBNAct(in_ch, hidden, 1)
+        self.bypass = ConvBNAct(in_ch, hidden, 1)
+        self.blocks = nn.Sequential(*[Bottleneck(hidden, shortcut) for _ in range(depth)])
+        self.fuse = ConvBNAct(2 * hidden, out_ch, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fuse(torch.cat((self.blocks(self.main(x)), self.bypass(x)), dim=1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling (fast): three chained 5x5 max-pools concatenated, which widens
+    the receptive field of the coarsest map at almost no cost."""
+
+    def __init__(self, channels: int, kernel: int = 5) -> None:
+        super().__init__()
+        hidden = channels // 2
+        self.reduce = ConvBNAct(channels, hidden, 1)
+        self.pool = nn.MaxPool2d(kernel, stride=1, padding=kernel // 2)
+        self.fuse = ConvBNAct(4 * hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.reduce(x)
+        p1 = self.pool(x)
+        p2 = self.pool(p1)
+        return self.fuse(torch.cat((x, p1, p2, self.pool(p2)), dim=1))
+
+
+class CSPDarknet(nn.Module):
+    """CSP-Darknet trunk: a stride-2 stem, then stages of (3x3 stride-2 conv + CSP block).
+
+    With five ``widths`` the stages sit at strides 2 (stem), 4, 8, 16 and 32; ``out_stages``
+    picks which are returned (default the stride 8/16/32 maps YOLOv3 predicts from).
+    The default widths/depths are a light variant for CPU; ``widths=(32, 64, 128, 256, 512)``
+    and ``depths=(1, 2, 3, 1)`` give YOLOv5-s proportions.
+
+    Args:
+        widths: channels of the stem and of each stage.
+        depths: bottlenecks in each stage's CSP block (one entry per stage after the stem).
+        out_stages: indices into the stages (0 = stem) whose outputs are returned.
+        spp: end with an SPPF block on the last stage.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 128, 256),
+        depths: Sequence[int] = (1, 1, 1, 1),
+        out_stages: Sequence[int] = (2, 3, 4),
+        spp: bool = True,
+    ) -> None:
+        super().__init__()
+        widths, depths = [int(w) for w in widths], [int(d) for d in depths]
+        if len(depths) != len(widths) - 1:
+            raise ValueError(
+                f"CSPDarknet: depths needs one entry per stage after the stem "
+                f"({len(widths) - 1}), got {depths}"
+            )
+        if not out_stages or not all(0 <= i < len(widths) for i in out_stages):
+            raise ValueError(f"CSPDarknet: out_stages {list(out_stages)} must index {widths}")
+        self.stages = nn.ModuleList([ConvBNAct(3, widths[0], 3, stride=2)])
+        for i, depth in enumerate(depths):
+            layers = [ConvBNAct(widths[i], widths[i + 1], 3, stride=2)]
+            layers.append(CSPBlock(widths[i + 1], widths[i + 1], depth))
+            if spp and i == len(depths) - 1:
+                layers.append(SPPF(widths[i + 1]))
+            self.stages.append(nn.Sequential(*layers))
+        self.out_stages = [int(i) for i in out_stages]
+        self.out_channels: list[int] = [widths[i] for i in self.out_stages]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_stages:
+                outputs.append(x)
+            if i >= self.out_stages[-1]:
+                break
+        return outputs
+
+
+class TrunkLevels(nn.Module):
+    """The stride 8/16/32 maps of one of SSD's torchvision trunks, without its extra layers.
+
+    ``trunk`` is e.g. :class:`detkit.models.backbones.ResNet18Backbone` or
+    :class:`~detkit.models.backbones.MobileNetV3Backbone` (optional ``stem``, then ``stages``);
+    their ``weights`` argument loads ImageNet weights.
+    """
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(trunk, "stages") or not hasattr(trunk, "out_channels"):
+            raise ValueError(
+                f"TrunkLevels needs a trunk with `stages` and `out_channels`, "
+                f"got {type(trunk).__name__}"
+            )
+        self.stem = getattr(trunk, "stem", None) or nn.Identity()
+        self.stages = trunk.stages
+        self.out_channels: list[int] = list(trunk.out_channels[: len(trunk.stages)])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs

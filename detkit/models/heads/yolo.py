@@ -1,0 +1,197 @@
+"""YOLO heads: the raw predictions of each version and their decoding into boxes and scores.
+
+A head is ``head(features) -> raw`` plus ``head.decode(raw, image_size) -> (boxes [B, N, 4]
+xyxy pixels, scores [B, N, C])``; the matching loss in :mod:`detkit.models.yolo_losses` reads
+the same ``raw`` and the head's geometry (grid, priors, coder).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkit.models.backbones.darknet import ConvBNAct
+
+
+class YOLOv1Output(NamedTuple):
+    """YOLOv1 predictions of an S x S grid with K boxes per cell (activations applied)."""
+
+    codes: Tensor  # [B, S, S, K, 4]: x, y in the cell, sqrt(w / W), sqrt(h / H), all in (0, 1)
+    confidence: Tensor  # [B, S, S, K] in (0, 1): Pr(object) * IoU
+    class_prob: Tensor  # [B, S, S, C]: Pr(class | object), sums to 1 per cell
+
+
+class YOLOv1Head(nn.Module):
+    """The YOLOv1 output: 3x3 convs (one of stride 2), a 1x1 predictor of ``K*5 + C`` maps.
+
+    At 448 px on a stride-32 backbone the stride-2 conv gives the paper's 7x7 grid (stride 64);
+    ``downsample=False`` keeps the backbone's stride (e.g. a 4x4 grid at 128 px). A map of
+    another size is average-pooled to ``grid_size`` so the grid is always S x S. The paper's outputs
+    are linear; here x, y, sqrt w, sqrt h and the confidence pass through a sigmoid (their
+    targets lie in [0, 1]) and the class scores through a softmax, which keeps the
+    sum-squared loss from diverging early in training without changing its targets.
+
+    Args:
+        in_channels: channels of the backbone map (an int, or a list whose last entry is used).
+        num_classes: object classes C.
+        grid_size: S.
+        num_boxes: K, box predictors per cell (B = 2 in the paper).
+        hidden: channels of the head's conv layers.
+        downsample: whether the middle conv has stride 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        num_classes: int,
+        grid_size: int = 7,
+        num_boxes: int = 2,
+        hidden: int = 256,
+        downsample: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_channels, int):
+            in_channels = int(list(in_channels)[-1])
+        if num_classes < 1 or grid_size < 1 or num_boxes < 1:
+            raise ValueError(
+                f"YOLOv1Head: num_classes ({num_classes}), grid_size ({grid_size}) and "
+                f"num_boxes ({num_boxes}) must be >= 1"
+            )
+        from detkit.matching import YOLOv1Coder
+
+        self.num_classes, self.grid_size, self.num_boxes = num_classes, grid_size, num_boxes
+        self.coder = YOLOv1Coder(grid_size)
+        self.convs = nn.Sequential(
+            ConvBNAct(in_channels, hidden, 3),
+            ConvBNAct(hidden, hidden, 3, stride=2 if downsample else 1),
+            ConvBNAct(hidden, hidden, 3),
+        )
+        self.predictor = nn.Conv2d(hidden, num_boxes * 5 + num_classes, 1)
+        nn.init.normal_(self.predictor.weight, std=0.01)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, features: Tensor | Sequence[Tensor]) -> YOLOv1Output:
+        x = features if isinstance(features, Tensor) else features[-1]
+        x = self.convs(x)
+        s = self.grid_size
+        if tuple(x.shape[-2:]) != (s, s):
+            x = F.adaptive_avg_pool2d(x, (s, s))
+        y = self.predictor(x).permute(0, 2, 3, 1)  # [B, S, S, K*5 + C]
+        k = self.num_boxes
+        boxes = y[..., : 5 * k].reshape(*y.shape[:3], k, 5).sigmoid()
+        return YOLOv1Output(boxes[..., :4], boxes[..., 4], y[..., 5 * k :].softmax(dim=-1))
+
+    def cell_xy(self, device: torch.device | None = None) -> Tensor:
+        """(col, row) of every cell, ``[S, S, 1, 2]`` (broadcasts over the K predictors)."""
+        rows, cols = torch.meshgrid(
+            torch.arange(self.grid_size, device=device),
+            torch.arange(self.grid_size, device=device),
+            indexing="ij",
+        )
+        return torch.stack((cols, rows), dim=-1).float()[:, :, None, :]
+
+    def decode_boxes(self, raw: YOLOv1Output, image_size: Sequence[int]) -> Tensor:
+        """Predicted boxes ``[B, S, S, K, 4]`` xyxy pixels."""
+        return self.coder.decode(raw.codes, self.cell_xy(raw.codes.device), image_size)
+
+    def decode(self, raw: YOLOv1Output, image_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """``boxes [B, S*S*K, 4]`` and class-specific confidences ``Pr(class) * conf``."""
+        batch = raw.codes.shape[0]
+        boxes = self.decode_boxes(raw, image_size).reshape(batch, -1, 4)
+        scores = raw.class_prob[:, :, :, None, :] * raw.confidence[..., None]
+        return boxes, scores.reshape(batch, -1, self.num_classes)
+
+
+class YOLOv3Head(nn.Module):
+    """YOLOv3 predictors: a 1x1 conv per scale giving ``A * (5 + C)`` maps.
+
+    Per anchor the columns are ``(t_x, t_y, t_w, t_h, objectness, class_0..class_C-1)`` logits.
+    Outputs are flattened scale by scale, row, column, anchor: the order of
+    :class:`detkit.matching.YOLOPriors`.
+
+    Args:
+        in_channels: channels of each scale's map (finest first), e.g. ``neck.out_channels``.
+        num_classes: object classes C (sigmoid per class, no background).
+        priors: :class:`detkit.matching.YOLOPriors` (anchors and strides of each scale).
+        coder: :class:`detkit.matching.YOLOv3Coder` (default one if None).
+        prior_prob: initial objectness and class probability (bias init, as RetinaNet), so
+            the thousands of empty cells do not swamp the first updates.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        priors: object | None = None,
+        coder: object | None = None,
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__()
+        from detkit.matching import YOLOPriors, YOLOv3Coder
+
+        self.priors = priors if priors is not None else YOLOPriors()
+        self.coder = coder if coder is not None else YOLOv3Coder()
+        num_anchors = self.priors.num_anchors_per_location()
+        if len(in_channels) != len(num_anchors):
+            raise ValueError(
+                f"YOLOv3Head got {len(in_channels)} feature maps (in_channels) but the priors "
+                f"have {len(num_anchors)} scales (strides {self.priors.strides})"
+            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.num_columns = 5 + self.num_classes
+        self.predictors = nn.ModuleList(
+            nn.Conv2d(c, a * self.num_columns, 1)
+            for c, a in zip(in_channels, num_anchors, strict=True)
+        )
+        bias_value = -math.log((1 - prior_prob) / prior_prob)
+        for conv, a in zip(self.predictors, num_anchors, strict=True):
+            nn.init.normal_(conv.weight, std=0.01)
+            bias = torch.zeros(a, self.num_columns)
+            bias[:, 4:] = bias_value
+            conv.bias.data.copy_(bias.view(-1))
+        self._grids: dict[tuple, object] = {}
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        """Raw logits ``[B, P, 5 + C]`` in prior order."""
+        if len(features) != len(self.predictors):
+            raise ValueError(
+                f"YOLOv3Head expects {len(self.predictors)} feature maps, got {len(features)}"
+            )
+        outputs = []
+        for x, conv in zip(features, self.predictors, strict=True):
+            y = conv(x)
+            batch, _, h, w = y.shape
+            # [B, A*(5+C), H, W] -> [B, H, W, A, 5+C] -> [B, H*W*A, 5+C]
+            y = y.view(batch, -1, self.num_columns, h, w).permute(0, 3, 4, 1, 2)
+            outputs.append(y.reshape(batch, -1, self.num_columns))
+        return torch.cat(outputs, dim=1)
+
+    def grid(self, image_size: Sequence[int], device: torch.device) -> object:
+        """The priors' :class:`~detkit.matching.YOLOGrid` for this image size, cached."""
+        key = (tuple(int(v) for v in image_size), str(device))
+        if key not in self._grids:
+            self._grids[key] = self.priors.grid(key[0], device=device)
+        return self._grids[key]
+
+    def decode_boxes(self, raw: Tensor, image_size: Sequence[int]) -> Tensor:
+        """Predicted boxes ``[B, P, 4]`` xyxy pixels."""
+        g = self.grid(image_size, raw.device)
+        if g.stride.shape[0] != raw.shape[1]:
+            raise ValueError(
+                f"the head predicts {raw.shape[1]} boxes but the priors describe "
+                f"{g.stride.shape[0]} for image size {tuple(image_size)}: do the backbone "
+                f"strides match the priors' strides {self.priors.strides}?"
+            )
+        return self.coder.decode(raw[..., :4].float(), g.grid_xy, g.anchor_wh, g.stride)
+
+    def decode(self, raw: Tensor, image_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """``boxes [B, P, 4]`` and ``scores = sigmoid(objectness) * sigmoid(class) [B, P, C]``."""
+        scores = raw[..., 4:5].float().sigmoid() * raw[..., 5:].float().sigmoid()
+        return self.decode_boxes(raw, image_size), scores
