@@ -1,0 +1,5 @@
+"""Detection heads."""
+
+from detkit.models.heads.ssd import SSDHead
+
+__all__ = ["SSDHead"]

@@ -1,0 +1,91 @@
+"""SSD's MultiBox loss, batched over images: match default boxes to ground truth, pick hard
+negatives with the sampler, then ``(L_conf + alpha * L_loc) / N`` with ``N`` matched boxes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkit.structures import PaddedTargets
+
+
+class MultiBoxLoss(nn.Module):
+    """Matching + hard-negative mining + softmax CE + smooth L1, for a whole batch at once.
+
+    Args:
+        matcher: called by :func:`detkit.matching.match_priors` (e.g. ``SSDMatcher(0.5)``).
+        box_coder: ``encode(boxes, priors)`` of the offsets the head regresses.
+        negative_sampler: ``(conf_loss [B, P], positive_mask [B, P]) -> negative_mask``
+            (e.g. ``HardNegativeSampler(3)``).
+        alpha: weight of the localisation term (1 in the paper).
+        smooth_l1_beta: transition point of the smooth L1 (1, as in the paper and torchvision).
+    """
+
+    def __init__(
+        self,
+        matcher: object,
+        box_coder: object,
+        negative_sampler: object,
+        alpha: float = 1.0,
+        smooth_l1_beta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.box_coder = box_coder
+        self.negative_sampler = negative_sampler
+        self.alpha = float(alpha)
+        self.smooth_l1_beta = float(smooth_l1_beta)
+
+    def forward(
+        self, cls_logits: Tensor, box_deltas: Tensor, priors: Tensor, gt: PaddedTargets
+    ) -> dict[str, Tensor]:
+        """Losses ``{"bbox_regression", "classification"}`` (each already divided by ``N``).
+
+        ``cls_logits [B, P, C + 1]`` (background at 0), ``box_deltas [B, P, 4]``,
+        ``priors [P, 4]`` xyxy pixels, ``gt`` padded targets with labels in ``0..C-1``.
+        """
+        from detkit.matching import match_priors
+
+        gt = _at_least_one_slot(gt)
+        match = match_priors(priors, gt, self.matcher)
+        positive = match.labels == 1
+        batch_idx, prior_idx = positive.nonzero(as_tuple=True)
+        gt_idx = match.matched_gt[batch_idx, prior_idx]
+
+        # Labels shift by one here: class c is logit c + 1, logit 0 is background.
+        cls_target = torch.zeros(positive.shape, dtype=torch.int64, device=cls_logits.device)
+        cls_target[batch_idx, prior_idx] = gt.labels[batch_idx, gt_idx] + 1
+        num_logits = cls_logits.shape[-1]
+        conf_loss = F.cross_entropy(
+            cls_logits.reshape(-1, num_logits).float(), cls_target.view(-1), reduction="none"
+        ).view(positive.shape)
+        negative = self.negative_sampler(conf_loss.detach(), positive) & (match.labels == 0)
+
+        encoded = self.box_coder.encode(gt.boxes[batch_idx, gt_idx], priors[prior_idx])
+        loc_loss = F.smooth_l1_loss(
+            box_deltas[batch_idx, prior_idx].float(),
+            encoded.float(),
+            beta=self.smooth_l1_beta,
+            reduction="sum",
+        )
+        # N = 0 gives 0 / 1 for both terms: no positives and no negatives are selected.
+        num_matched = positive.sum().clamp(min=1).to(conf_loss.dtype)
+        selected = (positive | negative).to(conf_loss.dtype)
+        return {
+            "bbox_regression": self.alpha * loc_loss / num_matched,
+            "classification": (conf_loss * selected).sum() / num_matched,
+        }
+
+
+def _at_least_one_slot(gt: PaddedTargets) -> PaddedTargets:
+    """A batch without any box still needs ``M >= 1`` for the matcher's reductions: add one
+    masked-out slot, which can never be matched."""
+    if gt.boxes.shape[1] > 0:
+        return gt
+    batch, device = gt.boxes.shape[0], gt.boxes.device
+    return PaddedTargets(
+        torch.zeros(batch, 1, 4, device=device),
+        torch.full((batch, 1), -1, dtype=torch.int64, device=device),
+        torch.zeros(batch, 1, dtype=torch.bool, device=device),
+    )

@@ -1,0 +1,49 @@
+"""Input normalisation that lives inside the detector, so checkpoints and exported graphs carry
+their own mean/std and callers always pass images in ``[0, 1]``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class Normalize(nn.Module):
+    """``(images - mean) / std`` per channel for a ``[B, 3, H, W]`` batch in ``[0, 1]``."""
+
+    def __init__(
+        self,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
+        std_t = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
+        if mean_t.shape != (3,) or std_t.shape != (3,):
+            raise ValueError(
+                f"image_mean and image_std need 3 values, got {list(mean)}, {list(std)}"
+            )
+        if (std_t <= 0).any():
+            raise ValueError(f"image_std must be positive, got {list(std)}")
+        # Persistent buffers: a checkpoint carries the normalisation it was trained with.
+        self.register_buffer("mean", mean_t.view(1, 3, 1, 1))
+        self.register_buffer("std", std_t.view(1, 3, 1, 1))
+
+    def set_(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Replace the statistics in place (e.g. when loading weights trained with others)."""
+        self.mean.copy_(torch.as_tensor([float(v) for v in mean]).view(1, 3, 1, 1))
+        self.std.copy_(torch.as_tensor([float(v) for v in std]).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+
+def check_images(images: Tensor) -> None:
+    """Raise a clear error unless ``images`` is a float ``[B, 3, H, W]`` batch."""
+    if not isinstance(images, Tensor):
+        raise ValueError(f"images must be a Tensor [B, 3, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")

@@ -1,0 +1,166 @@
+"""Faster R-CNN end to end: torchvision equality, a short overfit, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models.detection import (
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_resnet50_fpn,
+)
+
+from detkit.matching import AnchorGenerator, BalancedPositiveNegativeSampler
+from detkit.models.backbones.rcnn_backbones import WithFPN
+from detkit.models.backbones.small import SmallBackbone
+from detkit.models.detectors.faster_rcnn import FasterRCNN
+from detkit.models.heads.roi_heads import RoIHeads, RoIPooler
+from detkit.models.heads.rpn import RegionProposalNetwork
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _torchvision(builder, height: int, width: int, **kw):
+    torch.manual_seed(0)
+    model = builder(weights=None, weights_backbone=None, num_classes=4, **kw)
+    model.transform.min_size = (min(height, width),)
+    model.transform.max_size = 10 * max(height, width)
+    return model
+
+
+def _images(n: int, height: int, width: int) -> torch.Tensor:
+    return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize(
+    ("builder", "height", "width"),
+    [
+        (fasterrcnn_mobilenet_v3_large_320_fpn, 128, 160),
+        (fasterrcnn_mobilenet_v3_large_fpn, 160, 128),
+        (fasterrcnn_resnet50_fpn, 64, 96),
+    ],
+)
+def test_from_torchvision_detections_equal(builder, height: int, width: int) -> None:
+    theirs = _torchvision(builder, height, width, box_score_thresh=0.0).eval()
+    images = _images(2, height, width)
+    batch, _ = theirs.transform(list(images))
+    assert batch.tensors.shape == images.shape  # its resize/pad are the identity here
+    ours = FasterRCNN.from_torchvision(theirs).eval()
+    with torch.no_grad():
+        expected = theirs(list(images))
+        got = ours(images).detections
+    for a, b in zip(got, expected, strict=True):
+        assert len(a["boxes"]) == len(b["boxes"]) > 0
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+        assert torch.equal(a["labels"], b["labels"] - 1)
+
+
+def test_training_losses_equal_torchvision() -> None:
+    """With samplers taking every labelled anchor/RoI, losses are deterministic and equal."""
+    theirs = _torchvision(fasterrcnn_mobilenet_v3_large_320_fpn, 128, 128)
+    for sampler in (theirs.rpn.fg_bg_sampler, theirs.roi_heads.fg_bg_sampler):
+        sampler.batch_size_per_image, sampler.positive_fraction = 10**6, 1.0
+    ours = FasterRCNN.from_torchvision(theirs).train()
+    images = _images(2, 128, 128)
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([2])},
+        {"boxes": torch.tensor([[0.0, 0.0, 120.0, 100.0], [40.0, 40.0, 80.0, 100.0]]),
+         "labels": torch.tensor([0, 2])},
+    ]  # fmt: skip
+    tv_targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+    expected = theirs.train()(list(images), tv_targets)
+    out = ours(images, targets)
+    names = {"rpn_objectness": "loss_objectness", "rpn_box": "loss_rpn_box_reg",
+             "classification": "loss_classifier", "box_regression": "loss_box_reg"}  # fmt: skip
+    assert set(out.losses) == set(names)
+    for key, theirs_key in names.items():
+        torch.testing.assert_close(out.losses[key], expected[theirs_key], rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    assert ours.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+def _rectangles(n: int = 4, size: int = 96):
+    """Solid rectangles of two classes on dark noise: class 0 red, class 1 green."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(n, 3, size, size, generator=g) * 0.2
+    targets = []
+    for i in range(n):
+        boxes = []
+        for label in (0, 1):
+            x, y = torch.randint(0, size - 44, (2,), generator=g).tolist()
+            w, h = torch.randint(20, 40, (2,), generator=g).tolist()
+            images[i, label, y : y + h, x : x + w] = 1.0
+            boxes.append([x, y, x + w, y + h])
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "labels": torch.tensor([0, 1])})  # fmt: skip
+    return images, targets
+
+
+def _tiny_model() -> FasterRCNN:
+    torch.manual_seed(0)
+    backbone = WithFPN(SmallBackbone((8, 16), (24, 32), (1, 1), 0), 32, extra_pool=False)
+    rpn = RegionProposalNetwork(
+        AnchorGenerator(((24, 32), (40, 56)), ((0.5, 1.0, 2.0),) * 2),
+        pre_nms_top_n_train=200, post_nms_top_n_train=100,
+        pre_nms_top_n_test=100, post_nms_top_n_test=50,
+    )  # fmt: skip
+    heads = RoIHeads(
+        RoIPooler(7, 2, levels=[0, 1], canonical_scale=32),
+        sampler=BalancedPositiveNegativeSampler(64, 0.25), representation_size=64,
+    )  # fmt: skip
+    return FasterRCNN(backbone, rpn, heads, num_classes=2, image_size=96)
+
+
+def test_overfits_rectangles_to_high_ap50() -> None:
+    from torchvision.ops import box_iou
+
+    images, targets = _rectangles()
+    model = _tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(images, targets).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        detections = model(images).detections
+    found = 0
+    for det, tgt in zip(detections, targets, strict=True):
+        for box, label in zip(tgt["boxes"], tgt["labels"], strict=True):
+            same = det["labels"] == label
+            top = det["boxes"][same][:1]  # the best-scoring detection of that class
+            found += int(len(top) > 0 and box_iou(top, box[None]).item() >= 0.5)
+    assert found >= 7, f"only {found}/8 objects found at IoU 0.5 by the top detection"
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="targets"):
+        model.train()(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="2 images but 1 targets"):
+        model(torch.rand(2, 3, 64, 64), [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
+    with pytest.raises(ValueError, match="num_classes"):
+        FasterRCNN(model.backbone, model.rpn, model.roi_heads, num_classes=5)
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    ["faster_rcnn_digits", "faster_rcnn_vgg16", "faster_rcnn_r50_fpn", "faster_rcnn_mbv3_fpn"],
+)
+def test_model_configs_instantiate(model_name: str) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONFIGS / "model" / f"{model_name}.yaml")
+    cfg = OmegaConf.merge({"data": {"num_classes": 10}, "model": cfg})
+    model = instantiate(cfg.model)
+    assert isinstance(model, FasterRCNN) and model.num_classes == 10
+    assert model.roi_heads.box_predictor.cls_score.out_features == 11
+    if model_name == "faster_rcnn_digits":
+        with torch.no_grad():
+            out = model.eval()(torch.rand(1, 3, 256, 256))
+        assert len(out.detections) == 1
