@@ -5,7 +5,7 @@ target. Timings are medians of interleaved runs (the machine is shared, so inter
 both sides under the same load). ``multiclass_nms`` is compared with torchvision's SSD
 post-processing run per image and its detections must be identical (checked and printed).
 
-Usage: python tools/bench_ops.py [--repeats 7]
+Usage: python tools/bench_ops.py [--repeats 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -91,7 +91,13 @@ def interleaved_median_ms(ours, reference, repeats: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
     torch.manual_seed(0)
     rows = []
 
