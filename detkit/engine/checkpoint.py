@@ -56,20 +56,27 @@ def load_detector(
     return model.to(device).eval(), config
 
 
-PRETRAINED_KEYS = ("pretrained", "weights", "weights_backbone")
-
-
 def without_pretrained_weights(model_cfg: DictConfig) -> dict:
-    """The model config with every pretrained-weights option off.
+    """The model config with its pretrained-weights options off.
 
-    Rebuilding from a checkpoint must never download: the checkpoint has the weights.
+    Rebuilding from a checkpoint must never download: the checkpoint has the weights. The
+    options are the detector's ``pretrained`` and each backbone's ``weights`` (a box coder's
+    ``weights`` are its scaling factors and stay).
     """
 
     def strip(node):
-        if isinstance(node, dict):
-            return {k: (None if k in PRETRAINED_KEYS else strip(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [strip(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: strip(v) for k, v in node.items()}
+        if "backbone" in str(node.get("_target_", "")).lower():
+            for key in ("weights", "weights_backbone"):
+                if key in node:
+                    node[key] = None
         return node
 
-    return strip(OmegaConf.to_container(model_cfg, resolve=True))
+    resolved = strip(OmegaConf.to_container(model_cfg, resolve=True))
+    if "pretrained" in resolved:
+        resolved["pretrained"] = None
+    return resolved

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from detkit.data.boxes import boxes_to_original
 from detkit.structures import Detections, Targets
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -118,25 +119,17 @@ class DetectionModule(L.LightningModule):
 
 
 def to_original_pixels(detections: Detections, targets: Targets) -> tuple[Detections, Targets]:
-    """Scale boxes from the network's input pixels back to the image file's pixels.
+    """Boxes from the network's input pixels back to the image file's pixels.
 
     Eval transforms are plain resizes, so a per-axis scale maps boxes back exactly. Targets
     without ``orig_size``/``size`` are left in input pixels.
     """
     mapped_dets, mapped_targets = [], []
     for det, target in zip(detections, targets, strict=True):
-        if "orig_size" not in target or "size" not in target:
-            mapped_dets.append(det)
-            mapped_targets.append(target)
-            continue
-        scale = box_scale(target["size"], target["orig_size"]).to(det["boxes"].device)
-        mapped_dets.append({**det, "boxes": det["boxes"] * scale})
-        mapped_targets.append({**target, "boxes": target["boxes"] * scale.to(target["boxes"])})
+        if "orig_size" in target and "size" in target:
+            size, orig = target["size"], target["orig_size"]
+            det = {**det, "boxes": boxes_to_original(det["boxes"], size, orig)}
+            target = {**target, "boxes": boxes_to_original(target["boxes"], size, orig)}
+        mapped_dets.append(det)
+        mapped_targets.append(target)
     return mapped_dets, mapped_targets
-
-
-def box_scale(size, orig_size) -> torch.Tensor:
-    """``[sx, sy, sx, sy]`` taking boxes from an image of ``size`` (h, w) to ``orig_size``."""
-    h, w = (float(v) for v in size)
-    oh, ow = (float(v) for v in orig_size)
-    return torch.tensor([ow / w, oh / h, ow / w, oh / h], dtype=torch.float32)

@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from detkit.data import boxes_to_original, collate
 from detkit.data.datasets.base import load_rgb
 from detkit.engine.checkpoint import load_detector
-from detkit.engine.module import box_scale
 from detkit.errors import UserError
 
 log = logging.getLogger("detkit")
@@ -57,16 +57,12 @@ def predict_images(
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         originals = [load_rgb(path) for path in chunk]
-        inputs = [
-            transforms(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), extra=[])[0]
-            for image in originals
-        ]
-        images = _stack(inputs)
+        inputs = [_prepare(transforms, image) for image in originals]
+        images, _ = collate([(tensor, {}) for tensor in inputs])
         detections = model(images).detections
         for path, original, tensor, det in zip(chunk, originals, inputs, detections, strict=True):
             keep = det["scores"] >= score_threshold
-            scale = box_scale(tensor.shape[-2:], original.shape[:2])
-            boxes = det["boxes"][keep] * scale
+            boxes = boxes_to_original(det["boxes"][keep], tensor.shape[-2:], original.shape[:2])
             scores, labels = det["scores"][keep], det["labels"][keep]
             names = [str(class_names[int(i)]) for i in labels]
             drawn = output_dir / f"{path.stem}.png"
@@ -88,20 +84,19 @@ def predict_images(
     return written
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Zero-pad to the largest image, as the training collate does."""
-    height = max(t.shape[-2] for t in tensors)
-    width = max(t.shape[-1] for t in tensors)
-    batch = torch.zeros(len(tensors), 3, height, width)
-    for i, t in enumerate(tensors):
-        batch[i, :, : t.shape[-2], : t.shape[-1]] = t
-    return batch
+def _prepare(transforms, image: np.ndarray) -> torch.Tensor:
+    """The eval pipeline (the checkpoint's own) applied to an image with no boxes."""
+    no_boxes = np.zeros((0, 4), np.float32)
+    tensor, _, _ = transforms(image, no_boxes, np.zeros(0, np.int64), extra=[])
+    return tensor
 
 
 def _draw(
     image: np.ndarray, boxes: torch.Tensor, names: list[str], scores: torch.Tensor
 ) -> Image.Image:
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if len(boxes) == 0:
+        return Image.fromarray(image)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     labels = [f"{name} {score:.2f}" for name, score in zip(names, scores.tolist(), strict=True)]
     width = max(1, round(max(image.shape[:2]) / 200))
     drawn = draw_bounding_boxes(pixels, boxes, labels=labels, colors="red", width=width)
