@@ -2,6 +2,10 @@
 against the CPU path, i.e. torchvision's compiled kernels. Sizes are tiny: the interpreter
 executes each program in Python."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,3 +119,35 @@ def test_public_signature_launchers_and_empty_inputs():
     assert kernels.roi_pool(x, empty, 2).shape == (0, C, 2, 2)
     grad = kernels.roi_align_backward(torch.zeros(0, C, 2, 2), empty, 1.0, 2, 2, N, C, H, W, -1, 0)
     assert torch.equal(grad, torch.zeros(N, C, H, W))
+
+
+_COMPILE_FOR_SM80 = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from detkit.ops.kernels import roi as k
+
+def build(kernel, pointers, **constexprs):
+    sig = {n: "constexpr" if n in constexprs else "i32" for n in kernel.arg_names}
+    sig.update(zip(kernel.arg_names, pointers))
+    compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 80, 32))
+
+common = dict(N=1, SPATIAL_SCALE=0.0625, BLOCK_C=16, BLOCK_P=64)
+for backward in (False, True):
+    build(k._roi_align_kernel, ["*bf16", "*fp32", "*fp32"], PW=1, SAMPLING=1, ALIGNED=True,
+          IS_F64=False, BACKWARD=backward, **common)
+build(k._roi_pool_fwd_kernel, ["*fp16", "*fp32", "*fp16", "*i32"], IS_F64=False, **common)
+build(k._roi_pool_bwd_kernel, ["*fp64", "*fp64", "*i32", "*fp64"], N=1, BLOCK_C=16, BLOCK_P=64)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_real_gpu():
+    # The interpreter is more lenient than the compiler: build the kernels for sm_80 (PTX and
+    # cubin through triton's bundled ptxas; no GPU needed), with batch size, pooled width and
+    # sampling ratio specialised to 1 as a launch with those values would. A subprocess, since
+    # this process runs triton in interpreter mode.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM80], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
