@@ -1,0 +1,78 @@
+"""Two CPU processes over gloo: training runs, and the validation metric sees each image once
+although the distributed sampler repeats one to even out the shards."""
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from detkit.data import collate
+from detkit.engine.module import DetectionModule
+from detkit.eval import DetectionMetric, evaluate_coco
+from detkit.testing import FakeDetector, SquaresDataset
+
+
+def _val_set():
+    dataset = SquaresDataset(n=5, size=64)
+    # Image 0 (the one the sampler repeats) holds two same-class squares that the fake merges
+    # into one wrong box: counted twice, its false positive and misses would change the AP.
+    dataset.items[0] = (
+        0,
+        torch.tensor([[2.0, 2.0, 14.0, 14.0], [40.0, 40.0, 60.0, 60.0]]),
+        torch.tensor([0, 0]),
+    )
+    return dataset
+
+
+def _coco_results(model, dataset):
+    model.eval()
+    results = []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        det = model(image[None]).detections[0]
+        for (x1, y1, x2, y2), score, label in zip(
+            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
+        ):
+            results.append(
+                {
+                    "image_id": target["image_id"],
+                    "category_id": dataset.label_to_category_id[label],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
+    return results
+
+
+@pytest.mark.slow
+def test_two_process_ddp_counts_each_validation_image_once(tmp_path):
+    val = _val_set()
+    module = DetectionModule(
+        FakeDetector(num_classes=2),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        metric=DetectionMetric(),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    train_loader = DataLoader(SquaresDataset(n=4), batch_size=2, collate_fn=collate)
+    val_loader = DataLoader(val, batch_size=2, collate_fn=collate)
+    trainer.fit(module, train_loader, val_loader)
+
+    # The weights come back from the worker processes; pycocotools scores the unique images.
+    reference = evaluate_coco(
+        val.to_coco(), _coco_results(module.model, val), backend="pycocotools"
+    )
+    assert 0 < reference["AP"] < 1
+    assert trainer.callback_metrics["val/mAP"].item() == pytest.approx(reference["AP"], abs=1e-6)
