@@ -82,7 +82,7 @@ def ssd_targets_torchvision(priors, targets, conf_loss, matcher, coder, neg_to_p
     return torch.cat(regression), cls_targets, background_idxs
 
 
-def _time_ms(fn, repeats: int = 15) -> float:
+def _time_ms(fn, repeats: int = 5) -> float:
     fn()
     times = []
     for _ in range(repeats):
