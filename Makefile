@@ -14,8 +14,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: build the digits data, train SSD on it, evaluate the best checkpoint on the
+# val split (inside `train`), and draw predictions for a few val images.
+DEMO_RUN := runs/demo
+DETKIT_CACHE ?= $(HOME)/.cache/detkit
+export DETKIT_CACHE
+
 demo: $(STAMP)
-	$(VENV)/bin/detkit demo
+	$(VENV)/bin/detkit data digits out=$(DETKIT_CACHE)/digits
+	$(VENV)/bin/detkit train experiment=digits_ssd hydra.run.dir=$(DEMO_RUN)
+	$(VENV)/bin/detkit predict ckpt=$(DEMO_RUN)/checkpoints/best.ckpt \
+		source=$(DETKIT_CACHE)/digits/val max_images=8 hydra.run.dir=$(DEMO_RUN)/predict
+	@echo
+	@echo "demo done:"
+	@echo "  run (config, logs, summary.json)  $(DEMO_RUN)"
+	@echo "  checkpoints                       $(DEMO_RUN)/checkpoints"
+	@echo "  evaluation (metrics.json, plots)  $(DEMO_RUN)/eval"
+	@echo "  predictions drawn                 $(DEMO_RUN)/predict"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -46,12 +46,18 @@ def predict_images(
     output_dir: Path,
     score_threshold: float = 0.3,
     batch_size: int = 8,
+    max_images: int | None = None,
 ) -> list[dict]:
     """Run a checkpoint on images; write ``<name>.png`` with boxes drawn and ``detections.json``."""
-    model, config = load_detector(ckpt)
+    if str(ckpt).endswith(".onnx"):  # an exported model: ONNX Runtime + its JSON sidecar
+        from detkit.export.onnx_runtime import load_onnx_detector
+
+        model, config = load_onnx_detector(ckpt)
+    else:
+        model, config = load_detector(ckpt)
     transforms = instantiate(config.transforms.eval)
     class_names = list(config.data.get("class_names") or range(config.data.num_classes))
-    files = find_images(source)
+    files = find_images(source)[:max_images]
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for start in range(0, len(files), batch_size):

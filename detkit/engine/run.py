@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from detkit.engine.checkpoint import load_detector
 from detkit.engine.inference import coco_results, run_detector
 from detkit.engine.module import DetectionModule
-from detkit.errors import NotBuiltError, UserError
+from detkit.errors import UserError
 
 log = logging.getLogger("detkit")
 
@@ -173,8 +173,23 @@ def predict(cfg: DictConfig) -> list[dict]:
         Path(cfg.paths.output_dir),
         score_threshold=cfg.score_threshold,
         batch_size=cfg.batch_size,
+        max_images=cfg.get("max_images"),
     )
 
 
-def export(cfg: DictConfig) -> None:
-    raise NotBuiltError("export is not built yet (ONNX export arrives with issue 9)")
+def export(cfg: DictConfig) -> dict:
+    """``detkit export``: ``model.onnx`` + ``model.json`` in the run dir, checked in onnxruntime."""
+    from detkit.export import export_checkpoint
+
+    result = export_checkpoint(
+        cfg.get("ckpt"),
+        Path(cfg.paths.output_dir),
+        format=cfg.format,
+        nms=cfg.nms,
+        dynamic_batch=cfg.dynamic_batch,
+        image_size=cfg.get("image_size"),
+        opset=cfg.get("opset"),
+        verify=cfg.get("verify", True),
+        tolerance=cfg.get("tolerance", 1e-3),
+    )
+    return {"onnx": str(result.onnx_path), "sidecar": str(result.sidecar_path)}
