@@ -100,6 +100,10 @@ def test_coco_malformed_json_names_file(tmp_path):
     bad.write_text(json.dumps({"images": images, "categories": [], "annotations": [ann]}))
     with pytest.raises(ValueError, match="unknown category_id 3"):
         COCODetection(tmp_path, bad)
+    images.append({"id": 1, "file_name": "b.png"})
+    bad.write_text(json.dumps({"images": images, "categories": [], "annotations": []}))
+    with pytest.raises(ValueError, match="broken.json: image ids are not unique"):
+        COCODetection(tmp_path, bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         COCODetection(tmp_path, tmp_path / "nope.json")
 

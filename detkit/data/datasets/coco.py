@@ -53,6 +53,8 @@ def _check_layout(data: Any, path: Path) -> None:
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
             raise ValueError(f"{path}: categories[{i}] needs an integer 'id' and a 'name'")
     known_images = {img["id"] for img in data["images"]}
+    if len(known_images) != len(data["images"]):
+        raise ValueError(f"{path}: image ids are not unique")
     known_cats = {cat["id"] for cat in data.get("categories", [])}
     for i, ann in enumerate(data.get("annotations", [])):
         _check_annotation(ann, i, path, known_images, known_cats)
