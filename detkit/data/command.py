@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> None:
         dataset = build_split(cfg, raw=True)
         print_stats(dataset_stats(dataset), dataset.class_names)
     elif action == "anchors":
-        from detkit.matching.anchors import fit_anchors_from_dataset  # the lead wires this
+        from detkit.matching import fit_anchors_from_dataset  # lazy: only this action needs it
 
         dataset = build_split(cfg, raw=True)
         anchors = fit_anchors_from_dataset(dataset, int(cfg.k), int(cfg.model.image_size))

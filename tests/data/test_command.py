@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,9 @@ def test_digits_browse_and_stats(tmp_path, capsys):
     run(data_tool_cfg(["action=stats", "split=val", *small(out)]))
     printed = capsys.readouterr().out
     assert "3 images" in printed and "boxes per class" in printed
+    run(data_tool_cfg(["action=anchors", "k=3", "model.image_size=192", *small(out)]))
+    anchors = ast.literal_eval(capsys.readouterr().out.strip())  # a list of [w, h]
+    assert len(anchors) == 3 and all(0 < w < 192 and 0 < h < 192 for w, h in anchors)
     with pytest.raises(ValueError, match="unknown data action"):
         run(data_tool_cfg(["action=nope", *small(out)]))
 

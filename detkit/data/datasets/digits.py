@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -144,11 +145,28 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+def _annotations(boxes: np.ndarray, classes: np.ndarray, image_id: int, done: int) -> list:
+    out = []
+    for box, digit in zip(boxes, classes, strict=True):
+        w, h = float(box[2] - box[0]), float(box[3] - box[1])
+        out.append(
+            {
+                "id": done + len(out) + 1,
+                "image_id": image_id,
+                "category_id": int(digit) + 1,
+                "bbox": [float(box[0]), float(box[1]), w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+        )
+    return out
+
+
 def _write_split(
     out_dir: Path, split: str, count: int, seed: int, image_size: int, mnist: tuple
 ) -> Path:
-    images, labels = mnist
-    pool = split_indices(labels, split)
+    pool_idx = split_indices(mnist[1], split)
+    digits, digit_labels = mnist[0][pool_idx], mnist[1][pool_idx]
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
     coco = {
@@ -156,26 +174,24 @@ def _write_split(
         "annotations": [],
         "categories": [{"id": d + 1, "name": name} for d, name in enumerate(CLASS_NAMES)],
     }
-    for k in range(count):
-        rng = np.random.default_rng([seed, SPLITS.index(split), k])
-        image, boxes, classes = render_canvas(rng, images[pool], labels[pool], image_size)
-        file_name = f"{k:06d}.png"
-        _write_png(split_dir / file_name, image)
-        coco["images"].append(
-            {"id": k + 1, "file_name": file_name, "width": image_size, "height": image_size}
-        )
-        for box, digit in zip(boxes, classes, strict=True):
-            w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": k + 1,
-                    "category_id": int(digit) + 1,
-                    "bbox": [float(box[0]), float(box[1]), w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
+    # PNG encoding releases the GIL: overlap it with rendering the next canvases
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writes: list = []
+        for k in range(count):
+            rng = np.random.default_rng([seed, SPLITS.index(split), k])
+            image, boxes, classes = render_canvas(rng, digits, digit_labels, image_size)
+            file_name = f"{k:06d}.png"
+            if len(writes) >= 8:  # bound the canvases waiting in memory
+                writes.pop(0).result()
+            writes.append(pool.submit(_write_png, split_dir / file_name, image))
+            coco["images"].append(
+                {"id": k + 1, "file_name": file_name, "width": image_size, "height": image_size}
             )
+            coco["annotations"].extend(
+                _annotations(boxes, classes, k + 1, len(coco["annotations"]))
+            )
+        for write in writes:
+            write.result()
     ann_file = out_dir / f"{split}.json"
     ann_file.write_text(json.dumps(coco))
     return ann_file
