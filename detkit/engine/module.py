@@ -58,7 +58,7 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        out = self.model(images, targets)
+        out = self.model(images, training_targets(targets))
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -74,7 +74,7 @@ class DetectionModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        out = self.model(images, targets)
+        out = self.model(images, training_targets(targets))
         batch_size = len(targets)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         if self.metric is not None:
@@ -116,6 +116,23 @@ class DetectionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["detkit_config"] = self.config
+
+
+def training_targets(targets: Targets) -> Targets:
+    """Targets for the loss: crowd regions are not objects to fit, only areas to ignore.
+
+    The metric still receives them (COCO matches detections on crowds as ignored). VOC
+    ``difficult`` boxes stay unless the dataset was built with ``use_difficult=False``.
+    """
+    cleaned = []
+    for target in targets:
+        crowd = target.get("iscrowd")
+        if crowd is not None and bool(crowd.any()):
+            keep = ~crowd
+            target = {**target, "boxes": target["boxes"][keep], "labels": target["labels"][keep]}
+            target.update({k: target[k][keep] for k in ("iscrowd", "difficult") if k in target})
+        cleaned.append(target)
+    return cleaned
 
 
 def to_original_pixels(detections: Detections, targets: Targets) -> tuple[Detections, Targets]:

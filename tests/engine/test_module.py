@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from detkit.data import collate
 from detkit.engine.checkpoint import load_detector, read_checkpoint
-from detkit.engine.module import DetectionModule
+from detkit.engine.module import DetectionModule, training_targets
 from detkit.engine.schedules import warmup_cosine
 from detkit.eval import DetectionMetric, evaluate_coco
 from detkit.testing import FakeDetector, SquaresDataset
@@ -134,3 +134,19 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         module.model.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="training loss is nan"):
         _trainer(tmp_path, max_epochs=1).fit(module, train, val)
+
+
+def test_crowd_regions_are_left_out_of_the_loss_targets_only():
+    target = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 50, 50], [1, 1, 3, 3]]),
+        "labels": torch.tensor([1, 0, 1]),
+        "iscrowd": torch.tensor([False, True, False]),
+        "difficult": torch.tensor([False, False, True]),
+        "image_id": 3,
+    }
+    (cleaned,) = training_targets([target])
+    assert cleaned["boxes"].tolist() == [[0.0, 0, 10, 10], [1, 1, 3, 3]]
+    assert cleaned["labels"].tolist() == [1, 1]
+    assert cleaned["difficult"].tolist() == [False, True]
+    assert cleaned["image_id"] == 3
+    assert len(target["boxes"]) == 3  # the metric's copy is untouched
