@@ -164,3 +164,48 @@ def test_model_configs_instantiate(model_name: str) -> None:
         with torch.no_grad():
             out = model.eval()(torch.rand(1, 3, 256, 256))
         assert len(out.detections) == 1
+
+
+@pytest.mark.parametrize(
+    "experiment", ["digits_faster_rcnn", "voc_faster_rcnn", "coco_faster_rcnn"]
+)
+def test_experiments_compose_with_train_config(experiment: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.model._target_ == "detkit.models.detectors.faster_rcnn.FasterRCNN"
+    assert cfg.transforms.train._target_ == "detkit.data.transforms.rcnn_train"
+    assert cfg.transforms.eval.min_size == cfg.model.image_size
+    if experiment == "digits_faster_rcnn":
+        model = instantiate(cfg.model)
+        assert model.num_classes == cfg.data.num_classes == 10
+        assert cfg.transforms.train.flip_p == 0.0
+
+
+def test_train_command_runs_digits_faster_rcnn(tmp_path) -> None:
+    """`detkit train experiment=digits_faster_rcnn` end to end on a tiny set (1 epoch)."""
+    import json
+
+    from detkit import cli
+
+    code = cli.main(
+        [
+            "train",
+            "experiment=digits_faster_rcnn",
+            "trainer.max_epochs=1",
+            f"data.root={tmp_path / 'digits'}",
+            "data.n_train=4",
+            "data.n_val=2",
+            "data.datamodule.batch_size=2",
+            "data.datamodule.num_workers=0",
+            "callbacks.progress_bar=null",
+            "evaluate=false",
+            f"hydra.run.dir={tmp_path / 'train'}",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "train" / "summary.json").read_text())
+    assert summary["steps"] == 2 and "val/mAP" in summary["val"]
+    assert (tmp_path / "train" / "checkpoints" / "last.ckpt").is_file()
