@@ -21,6 +21,9 @@ class ConvBNAct(nn.Sequential):
             nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.03),
             nn.SiLU(inplace=True),
         )
+        # He init keeps activations at unit scale through deep stacks even before BatchNorm
+        # statistics exist (torch's default init shrinks them ~3x per layer in eval mode).
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_in", nonlinearity="relu")
 
 
 class Bottleneck(nn.Module):

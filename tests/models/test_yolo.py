@@ -1,0 +1,258 @@
+"""The YOLO detectors: parts' shapes and order, decoding, forward modes, post-processing against
+torchvision's NMS, Hydra configs, a Lightning fast_dev_run and a short overfit (pycocotools AP)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import batched_nms
+
+from detkit.matching import YOLOPriors
+from detkit.models.backbones.darknet import CSPDarknet, TrunkLevels
+from detkit.models.detectors.yolo import YOLO, yolov1, yolov3
+from detkit.models.heads.yolo import YOLOv1Head, YOLOv1Output, YOLOv3Head
+from detkit.models.necks.yolo_pan import YOLOPAN
+
+ANCHORS = (
+    ((8, 8), (12, 20), (20, 12)),
+    ((20, 20), (24, 40), (40, 24)),
+    ((40, 40), (60, 60), (90, 90)),
+)
+TINY = (8, 16, 32, 64, 128)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small tensors on a shared 2-core machine: extra intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _target(boxes, labels):
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
+
+
+def _tiny_v3(num_classes=3, size=64, **kwargs) -> YOLO:
+    return yolov3(num_classes, size, CSPDarknet(TINY), YOLOPriors(ANCHORS), **kwargs)
+
+
+def test_backbones_and_neck_give_strides_8_16_32():
+    from detkit.models.backbones import ResNet18Backbone
+
+    images = torch.rand(1, 3, 64, 96)
+    for backbone in (CSPDarknet(TINY), TrunkLevels(ResNet18Backbone())):
+        feats = backbone(images)
+        assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3)]
+        assert [f.shape[1] for f in feats] == backbone.out_channels
+        for bottom_up in (False, True):
+            neck = YOLOPAN(backbone.out_channels, [16, 24, 32], bottom_up=bottom_up)
+            outs = neck(feats)
+            assert [tuple(o.shape[1:]) for o in outs] == [(16, 8, 12), (24, 4, 6), (32, 2, 3)]
+    assert CSPDarknet(TINY, out_stages=(4,))(images)[0].shape == (1, 128, 2, 3)
+    with pytest.raises(ValueError, match="depths"):
+        CSPDarknet(TINY, depths=(1, 1))
+
+
+def test_v3_head_flattens_in_prior_order_and_decodes_zero_to_priors():
+    priors, c = YOLOPriors(ANCHORS), 2
+    cols = 3 * (5 + c)
+    head = YOLOv3Head([cols] * 3, c, priors)
+    for conv in head.predictors:  # identity 1x1 conv: raw values are the input features
+        conv.weight.data.copy_(torch.eye(cols).view(cols, cols, 1, 1))
+        conv.bias.data.zero_()
+    feats = [torch.randn(2, cols, 64 // s, 96 // s) for s in (8, 16, 32)]
+    raw = head(feats)
+    grid = priors.grid((64, 96))
+    assert raw.shape == (2, len(grid.stride), 5 + c)
+    for p in torch.randint(0, len(grid.stride), (50,)).tolist():
+        level, anchor = int(grid.level[p]), int(grid.anchor_index[p])
+        col, row = grid.grid_xy[p].long().tolist()
+        expected = feats[level][1, anchor * (5 + c) : (anchor + 1) * (5 + c), row, col]
+        assert torch.equal(raw[1, p], expected)
+    boxes, scores = head.decode(torch.zeros_like(raw), (64, 96))
+    torch.testing.assert_close(boxes[0], priors((64, 96)))
+    torch.testing.assert_close(scores, torch.full_like(scores, 0.25))
+
+
+def test_v1_decode_is_class_probability_times_confidence():
+    s, k, c = 3, 2, 4
+    head = YOLOv1Head(8, c, grid_size=s, num_boxes=k)
+    raw = YOLOv1Output(
+        torch.rand(1, s, s, k, 4), torch.rand(1, s, s, k), torch.rand(1, s, s, c).softmax(-1)
+    )
+    boxes, scores = head.decode(raw, (90, 60))
+    # cell (row 1, col 2), predictor 1: box centre ((x + 2) 60 / 3, (y + 1) 90 / 3)
+    x, y, sw, sh = raw.codes[0, 1, 2, 1].tolist()
+    cx, cy, w, h = (x + 2) * 20, (y + 1) * 30, sw**2 * 60, sh**2 * 90
+    index = (1 * s + 2) * k + 1
+    torch.testing.assert_close(
+        boxes[0, index], torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    )
+    torch.testing.assert_close(
+        scores[0, index], raw.class_prob[0, 1, 2] * raw.confidence[0, 1, 2, 1]
+    )
+    out = head(torch.rand(2, 8, 5, 5))  # any map size pools to the S x S grid
+    assert out.codes.shape == (2, s, s, k, 4) and out.class_prob.shape == (2, s, s, c)
+    assert out.class_prob.sum(-1).allclose(torch.ones(2, s, s))
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_forward_modes_and_bad_input(version):
+    if version == "v1":
+        model = yolov1(
+            3, 64, CSPDarknet(TINY, out_stages=(4,)), grid_size=2, detections_per_image=7
+        )
+    else:
+        model = _tiny_v3(detections_per_image=7, score_threshold=1e-6)
+    images = torch.rand(2, 3, 64, 64)
+    targets = [_target([[4, 6, 30, 40]], [2]), _target([], [])]
+    out = model(images, targets)
+    assert set(out.losses) == {"box", "objectness", "classification"} and out.detections is None
+    model.eval()
+    out = model(images)
+    assert not out.losses and len(out.detections) == 2
+    for det in out.detections:
+        assert len(det["boxes"]) <= 7 and det["labels"].dtype == torch.int64
+        assert det["labels"].min() >= 0 and det["labels"].max() < 3
+        assert (det["boxes"] >= 0).all() and (det["boxes"] <= 64).all()
+        assert (det["scores"][:-1] >= det["scores"][1:]).all()
+    both = model(images, targets)
+    assert both.losses and both.detections is not None
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        model(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="targets"):
+        model(images, targets[:1])
+    model.train()
+    with pytest.raises(ValueError, match="needs targets"):
+        model(images)
+    with pytest.raises(ValueError, match="classes"):
+        YOLO(CSPDarknet(TINY), 3, YOLOv3Head([32, 64, 128], 5), loss=None)
+
+
+def test_postprocess_equals_threshold_then_torchvision_batched_nms():
+    model = _tiny_v3(
+        num_classes=3, size=96, score_threshold=0.2, nms_threshold=0.5, topk_candidates=10_000
+    ).eval()
+    # Continuous random logits: no score ties, so the order of equal scores cannot differ.
+    raw = torch.randn(2, sum(3 * (96 // s) ** 2 for s in (8, 16, 32)), 8)
+    detections = model.postprocess(raw, (96, 96))
+    boxes, scores = model.head.decode(raw, (96, 96))
+    boxes = boxes.clamp(0, 96)
+    for b, det in enumerate(detections):
+        idx, label = (scores[b] > 0.2).nonzero(as_tuple=True)
+        cand_boxes, cand_scores = boxes[b][idx], scores[b][idx, label]
+        keep = batched_nms(cand_boxes, cand_scores, label, 0.5)[: model.detections_per_image]
+        assert len(keep) > 3
+        torch.testing.assert_close(det["scores"], cand_scores[keep])
+        torch.testing.assert_close(det["boxes"], cand_boxes[keep])
+        assert torch.equal(det["labels"], label[keep])
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from detkit.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    return cfg, instantiate(cfg.model)
+
+
+@pytest.mark.parametrize(
+    "overrides, num_classes, size, head",
+    [
+        (["experiment=digits_yolo"], 10, 256, YOLOv3Head),
+        (["model=yolov1"], 10, 448, YOLOv1Head),
+        (["model=yolov3"], 10, 416, YOLOv3Head),
+        (["experiment=voc_yolov3"], 20, 416, YOLOv3Head),
+        (["experiment=coco_yolov3"], 80, 416, YOLOv3Head),
+    ],
+)
+def test_configs_compose_and_instantiate(overrides, num_classes, size, head):
+    cfg, model = _compose(overrides)
+    assert isinstance(model, YOLO) and isinstance(model.head, head)
+    assert model.num_classes == num_classes and model.image_size == (size, size)
+    assert cfg.transforms.train.size == size
+    if overrides == ["experiment=digits_yolo"]:
+        assert cfg.model.head.priors.strides == [8, 16, 32]
+        out = model(torch.rand(1, 3, 64, 64), [_target([[4, 6, 30, 40]], [7])])
+        assert torch.isfinite(out.loss)
+    if overrides == ["model=yolov1"]:
+        assert model.head.grid_size == 7 and model.head.num_boxes == 2
+        assert model.loss.lambda_coord == 5.0 and model.loss.lambda_noobj == 0.5
+
+
+def test_lightning_fast_dev_run():
+    import lightning as L
+
+    from detkit.data import collate
+    from detkit.engine.module import DetectionModule
+
+    model = _tiny_v3(num_classes=3, size=64)
+    batch = [
+        (torch.rand(3, 64, 64), {**_target([[4, 6, 30, 40]], [1]), "image_id": i}) for i in range(4)
+    ]
+    loader = torch.utils.data.DataLoader(batch, batch_size=2, collate_fn=collate)
+    module = DetectionModule(model, lambda params: torch.optim.SGD(params, lr=0.01))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit(module, loader, loader)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _shapes_dataset(n, size=128, seed=0):
+    """Solid rectangles on grey, the colour is the class."""
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        image = torch.full((3, size, size), 0.5)
+        boxes, labels = [], []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            w, h = torch.randint(16, 60, (2,), generator=g).tolist()
+            x = int(torch.randint(0, size - w, (1,), generator=g))
+            y = int(torch.randint(0, size - h, (1,), generator=g))
+            c = int(torch.randint(0, 3, (1,), generator=g))
+            image[:, y : y + h, x : x + w] = colours[c][:, None, None]
+            boxes.append([x, y, x + w, y + h])
+            labels.append(c)
+        images.append(image)
+        targets.append(_target(boxes, labels))
+    return torch.stack(images), targets
+
+
+def _precise_batchnorm(model, images):
+    """Re-estimate BatchNorm statistics with the final weights (a few steps of training leave
+    the running averages far behind the weights)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images, return_detections=True)
+
+
+def test_overfit_a_few_images_reaches_high_ap50():
+    from torchmetrics.detection import MeanAveragePrecision
+
+    images, targets = _shapes_dataset(6)
+    model = _tiny_v3(num_classes=3, size=128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = model(images, targets).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _precise_batchnorm(model, images)
+    with torch.no_grad():
+        detections = model.eval()(images).detections
+    metric = MeanAveragePrecision(backend="pycocotools")  # the COCO reference tool as oracle
+    metric.update(detections, targets)
+    assert float(metric.compute()["map_50"]) > 0.9
