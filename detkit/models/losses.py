@@ -20,6 +20,8 @@ class MultiBoxLoss(nn.Module):
             (e.g. ``HardNegativeSampler(3)``).
         alpha: weight of the localisation term (1 in the paper).
         smooth_l1_beta: transition point of the smooth L1 (1, as in the paper and torchvision).
+        fused_matching: passed to ``match_priors`` as ``fused``; True (default) never builds the
+            ``[B, M, P]`` IoU matrix, which on CPU is several times faster at SSD's P = 8732.
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class MultiBoxLoss(nn.Module):
         negative_sampler: object,
         alpha: float = 1.0,
         smooth_l1_beta: float = 1.0,
+        fused_matching: bool | None = True,
     ) -> None:
         super().__init__()
         self.matcher = matcher
@@ -36,6 +39,7 @@ class MultiBoxLoss(nn.Module):
         self.negative_sampler = negative_sampler
         self.alpha = float(alpha)
         self.smooth_l1_beta = float(smooth_l1_beta)
+        self.fused_matching = fused_matching
 
     def forward(
         self, cls_logits: Tensor, box_deltas: Tensor, priors: Tensor, gt: PaddedTargets
@@ -48,7 +52,7 @@ class MultiBoxLoss(nn.Module):
         from detkit.matching import match_priors
 
         gt = _at_least_one_slot(gt)
-        match = match_priors(priors, gt, self.matcher)
+        match = match_priors(priors, gt, self.matcher, fused=self.fused_matching)
         positive = match.labels == 1
         batch_idx, prior_idx = positive.nonzero(as_tuple=True)
         gt_idx = match.matched_gt[batch_idx, prior_idx]
