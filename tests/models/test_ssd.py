@@ -137,3 +137,25 @@ def test_overfits_a_few_rectangle_images():
         same_class = target["labels"][:, None] == labels[None, :]
         best = (iou * same_class).max(dim=1).values
         assert (best > 0.8).all(), (best, det["scores"][:5])
+
+
+@torch.no_grad()
+def test_pretrained_torchvision_copies_backbone_and_box_regressors(monkeypatch):
+    import torchvision.models.detection as tv_detection
+
+    from detkit.models.backbones import VGG16Backbone
+
+    coco = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4)
+    monkeypatch.setattr(tv_detection, "ssd300_vgg16", lambda weights: coco)  # no download
+    model = SSD(VGG16Backbone(), num_classes=2, pretrained="torchvision")
+    torch.testing.assert_close(model.backbone.extra[1][2].weight, coco.backbone.extra[1][2].weight)
+    fused = model.head.predictors[0].weight.view(4, 7, 512, 3, 3)  # 4 boxes x (3 logits + 4)
+    reg = coco.head.regression_head.module_list[0].weight.view(4, 4, 512, 3, 3)
+    torch.testing.assert_close(fused[:, 3:], reg)
+    cls = coco.head.classification_head.module_list[0].weight  # 4 logits: not copied into 3
+    assert not torch.equal(fused[:, :3], cls.view(4, 4, 512, 3, 3)[:, :3])
+    torch.testing.assert_close(model.normalize.std.flatten(), torch.full((3,), 1 / 255))
+    with pytest.raises(ValueError, match="vgg16 backbone"):
+        SSD(SmallBackbone(), 2, pretrained="torchvision")
+    with pytest.raises(ValueError, match="pretrained="):
+        SSD(SmallBackbone(), 2, pretrained="imagenet")
