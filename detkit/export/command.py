@@ -1,0 +1,62 @@
+"""``detkit export``: a checkpoint to ``model.onnx`` + ``model.json`` in the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from detkit.errors import UserError
+from detkit.export.onnx import ExportResult, export_onnx
+
+FORMATS = ("onnx",)
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    output_dir: str | Path,
+    format: str = "onnx",  # noqa: A002 - the CLI's word
+    nms: bool = True,
+    dynamic_batch: bool = True,
+    image_size=None,
+    opset: int | None = None,
+    verify: bool = True,
+    tolerance: float = 1e-3,
+) -> ExportResult:
+    """Rebuild the detector from ``ckpt`` and export it (see :func:`export_onnx`).
+
+    Class names and the eval transforms come from the checkpoint's config, so the exported
+    model can be used by ``detkit predict`` without the PyTorch model code.
+    """
+    from detkit.engine.checkpoint import load_detector
+
+    if str(format).lower() not in FORMATS:
+        raise UserError(f"format={format!r} is not supported; choose one of {list(FORMATS)}")
+    if ckpt is None:
+        raise UserError("export needs ckpt=<checkpoint>")
+    if str(ckpt).endswith(".onnx"):
+        raise UserError(f"ckpt={ckpt} is already an ONNX model; export needs a checkpoint")
+    model, config = load_detector(ckpt)
+    if image_size is not None and not isinstance(image_size, int):
+        image_size = list(
+            OmegaConf.to_container(image_size) if OmegaConf.is_config(image_size) else image_size
+        )
+    data = config.get("data") or {}
+    names = data.get("class_names")
+    transforms = config.get("transforms")
+    return export_onnx(
+        model,
+        output_dir,
+        image_size=image_size,
+        nms=bool(nms),
+        dynamic_batch=bool(dynamic_batch),
+        opset=None if opset is None else int(opset),
+        class_names=list(names) if names else None,
+        transforms=(
+            OmegaConf.to_container(transforms.eval, resolve=True)
+            if transforms is not None and transforms.get("eval") is not None
+            else None
+        ),
+        verify=bool(verify),
+        tolerance=float(tolerance),
+    )

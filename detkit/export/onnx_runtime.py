@@ -1,0 +1,124 @@
+"""An exported detector run by ONNX Runtime, called like a PyTorch detector.
+
+``OnnxDetector(path)(images)`` takes a ``[B, 3, h, w]`` batch in ``[0, 1]`` and returns a
+:class:`~detkit.structures.DetectorOutput` whose detections are in the pixels of that batch.
+Everything it needs comes from ``model.onnx`` and its ``model.json`` sidecar (no model code):
+images smaller than the graph's fixed input are zero-padded at the bottom/right; larger ones
+are first scaled down to fit (boxes are scaled back). Graphs exported with ``nms=false`` get
+:func:`detkit.ops.multiclass_nms` with the thresholds recorded in the sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from detkit.errors import UserError
+from detkit.structures import DetectorOutput, unpad_detections
+
+
+def read_sidecar(onnx_path: str | Path) -> dict:
+    """The ``.json`` written next to ``model.onnx`` by ``detkit export``."""
+    sidecar = Path(onnx_path).with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"{onnx_path} has no sidecar {sidecar} (class names, input size): export it with "
+            "`detkit export`, which writes both"
+        )
+    try:
+        info = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"sidecar {sidecar} is not valid JSON: {err}") from err
+    if not str(info.get("format", "")).startswith("detkit-onnx/"):
+        raise UserError(f"sidecar {sidecar} was not written by detkit export (no format tag)")
+    return info
+
+
+class OnnxDetector:
+    """ONNX Runtime inference of a ``detkit export`` graph (see module doc)."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path} does not exist")
+        self.path = path
+        self.info = read_sidecar(path)
+        self.image_size = tuple(self.info["input"]["image_size"])
+        self.class_names = list(self.info["class_names"])
+        self.session = ort.InferenceSession(
+            str(path), providers=providers or ["CPUExecutionProvider"]
+        )
+
+    def eval(self) -> OnnxDetector:
+        """No-op, for code written against ``nn.Module`` detectors."""
+        return self
+
+    def __call__(self, images: Tensor) -> DetectorOutput:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}")
+        batch, scale = self.fit(images.float().cpu())
+        if self.info["dynamic_batch"]:
+            outputs = self.session.run(None, {"images": batch.numpy()})
+        else:  # a fixed batch of 1: one run per image
+            runs = [self.session.run(None, {"images": image[None].numpy()}) for image in batch]
+            outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
+        tensors = [torch.from_numpy(o) for o in outputs]
+        detections = tensors if self.info["nms"] else self.run_nms(*tensors)
+        found = unpad_detections(*detections)
+        for det in found:
+            det["boxes"] = det["boxes"] / scale
+        return DetectorOutput(detections=found)
+
+    def fit(self, images: Tensor) -> tuple[Tensor, float]:
+        """Scale down (if needed) and zero-pad the batch to the graph's input size."""
+        height, width = self.image_size
+        h, w = images.shape[-2:]
+        scale = min(1.0, height / h, width / w)
+        if scale < 1.0:
+            size = (min(height, round(h * scale)), min(width, round(w * scale)))
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        h, w = images.shape[-2:]
+        return F.pad(images, (0, width - w, 0, height - h)), scale
+
+    def run_nms(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
+        """The NMS a ``nms=false`` graph leaves out, with the exported model's settings."""
+        from detkit.ops import multiclass_nms
+
+        s = self.info["postprocess"]
+        return multiclass_nms(
+            boxes,
+            scores,
+            s["score_threshold"],
+            s["iou_threshold"],
+            s["max_detections"],
+            s.get("pre_nms_top_k"),
+            per_class_top_k=s.get("per_class_top_k"),
+        )
+
+
+def load_onnx_detector(path: str | Path) -> tuple[OnnxDetector, DictConfig]:
+    """``(detector, config)`` like :func:`detkit.engine.checkpoint.load_detector`: the config
+    holds what ``detkit predict`` reads (``transforms.eval``, ``data.class_names``)."""
+    detector = OnnxDetector(path)
+    transforms = detector.info.get("transforms") or {
+        "_target_": "detkit.data.transforms.eval_resize",
+        "size": list(detector.image_size),
+    }
+    config = OmegaConf.create(
+        {
+            "transforms": {"eval": transforms},
+            "data": {
+                "class_names": detector.class_names,
+                "num_classes": len(detector.class_names),
+            },
+        }
+    )
+    return detector, config
