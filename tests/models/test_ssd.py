@@ -61,6 +61,18 @@ def test_eval_with_targets_gives_losses_and_detections():
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
 
 
+@torch.no_grad()
+def test_forward_padded_matches_detections():
+    model = _small_ssd(detections_per_image=5).eval()
+    images = torch.rand(2, 3, 128, 128)
+    boxes, scores, labels, num = model.forward_padded(images)
+    assert boxes.shape == (2, 5, 4) and scores.shape == labels.shape == (2, 5)
+    for i, det in enumerate(model(images).detections):
+        n = int(num[i])
+        torch.testing.assert_close(det["boxes"], boxes[i, :n])
+        torch.testing.assert_close(det["scores"], scores[i, :n])
+
+
 def test_priors_follow_the_input_size_and_are_cached():
     model = _small_ssd().eval()
     with torch.no_grad():

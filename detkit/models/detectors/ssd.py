@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from detkit.models.heads.ssd import SSDHead
 from detkit.models.losses import MultiBoxLoss
-from detkit.models.postprocess import ssd_postprocess
+from detkit.models.postprocess import ssd_postprocess_padded
 from detkit.models.transform import Normalize, check_images
-from detkit.structures import DetectorOutput, Targets, pad_targets
+from detkit.structures import DetectorOutput, Targets, pad_targets, unpad_detections
 
 
 class SSD(nn.Module):
@@ -124,18 +124,33 @@ class SSD(nn.Module):
             gt = pad_targets(targets, device=images.device)
             output.losses = self.loss(cls_logits, box_deltas, priors, gt)
         if want_detections:
-            output.detections = ssd_postprocess(
-                cls_logits.detach(),
-                box_deltas.detach(),
-                priors,
-                self.box_coder,
-                image_size,
-                self.score_threshold,
-                self.nms_threshold,
-                self.detections_per_image,
-                self.topk_candidates,
-            )
+            padded = self._postprocess(cls_logits.detach(), box_deltas.detach(), priors, image_size)
+            output.detections = unpad_detections(*padded)
         return output
+
+    def forward_padded(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inference only, fixed shapes for export: ``(boxes [B, K, 4], scores [B, K],
+        labels [B, K], num_detections [B])`` with ``K = detections_per_image``."""
+        check_images(images)
+        features = self.backbone(self.normalize(images))
+        cls_logits, box_deltas = self.head(features)
+        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        return self._postprocess(
+            cls_logits, box_deltas, self.priors(image_size, features), image_size
+        )
+
+    def _postprocess(self, cls_logits, box_deltas, priors, image_size):
+        return ssd_postprocess_padded(
+            cls_logits,
+            box_deltas,
+            priors,
+            self.box_coder,
+            image_size,
+            self.score_threshold,
+            self.nms_threshold,
+            self.detections_per_image,
+            self.topk_candidates,
+        )
 
     @classmethod
     def from_torchvision(cls, model: nn.Module) -> SSD:
