@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkit.matching import match_priors
 from detkit.structures import PaddedTargets
 
 
@@ -49,7 +50,6 @@ class MultiBoxLoss(nn.Module):
         ``cls_logits [B, P, C + 1]`` (background at 0), ``box_deltas [B, P, 4]``,
         ``priors [P, 4]`` xyxy pixels, ``gt`` padded targets with labels in ``0..C-1``.
         """
-        from detkit.matching import match_priors
 
         gt = _at_least_one_slot(gt)
         match = match_priors(priors, gt, self.matcher, fused=self.fused_matching)

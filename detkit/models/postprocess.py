@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkit.ops import clip_boxes, multiclass_nms
 from detkit.structures import Detections, unpad_detections
 
 
@@ -32,7 +33,6 @@ def ssd_postprocess_padded(
     ``priors [P, 4]`` xyxy pixels. Per class, at most ``topk_candidates`` boxes above
     ``score_threshold`` enter NMS; the best ``detections_per_image`` survive.
     """
-    from detkit.ops import clip_boxes, multiclass_nms
 
     scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:]
     boxes = box_coder.decode(box_deltas.float(), priors.float().unsqueeze(0))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from detkit.matching import DefaultBoxGenerator, DeltaXYWHCoder, HardNegativeSampler, SSDMatcher
 from detkit.models.backbones.vgg import VGG16Backbone
 
 if TYPE_CHECKING:
@@ -32,12 +33,6 @@ def _check_torchvision_ssd(model: nn.Module) -> None:
 
 def ssd_from_torchvision(cls: type[SSD], model: nn.Module) -> SSD:
     """Build ``cls`` (detkit SSD) with the configuration and weights of ``model``."""
-    from detkit.matching import (
-        DefaultBoxGenerator,
-        DeltaXYWHCoder,
-        HardNegativeSampler,
-        SSDMatcher,
-    )
 
     _check_torchvision_ssd(model)
     anchors = model.anchor_generator

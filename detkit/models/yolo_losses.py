@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkit.matching import assign_yolov1, assign_yolov3
+from detkit.ops import ciou_loss, giou_loss
 from detkit.structures import PaddedTargets
 
 BOX_LOSSES = ("offsets", "giou", "ciou")
@@ -58,7 +60,6 @@ class YOLOv1Loss(nn.Module):
     def forward(
         self, raw, gt: PaddedTargets, image_size: Sequence[int], head: nn.Module
     ) -> dict[str, Tensor]:
-        from detkit.matching import assign_yolov1
 
         gt = _at_least_one_slot(gt)
         pred_boxes = head.decode_boxes(raw, image_size).detach()
@@ -128,7 +129,6 @@ class YOLOv3Loss(nn.Module):
     def forward(
         self, raw: Tensor, gt: PaddedTargets, image_size: Sequence[int], head: nn.Module
     ) -> dict[str, Tensor]:
-        from detkit.matching import assign_yolov3
 
         gt = _at_least_one_slot(gt)
         raw = raw.float()
@@ -154,8 +154,6 @@ class YOLOv3Loss(nn.Module):
         if self.box_loss == "offsets":
             box_loss = self._offsets_loss(pos_raw, gt_boxes, prior_idx, image_size, head)
         else:
-            from detkit.ops import ciou_loss, giou_loss
-
             fn = giou_loss if self.box_loss == "giou" else ciou_loss
             box_loss = fn(pred_boxes[batch_idx, prior_idx], gt_boxes, reduction="sum")
         return {

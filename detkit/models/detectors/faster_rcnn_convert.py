@@ -11,6 +11,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from detkit.matching import (
+    AnchorGenerator,
+    BalancedPositiveNegativeSampler,
+    DeltaXYWHCoder,
+    Matcher,
+)
 from detkit.models.backbones.rcnn_backbones import MobileNetV3FPNBackbone, ResNetFPNBackbone
 from detkit.models.heads.roi_heads import RoIHeads, RoIPooler
 from detkit.models.heads.rpn import RegionProposalNetwork
@@ -46,13 +52,6 @@ def _backbone_from_torchvision(backbone: nn.Module) -> nn.Module:
 def faster_rcnn_from_torchvision(cls: type[FasterRCNN], model: nn.Module) -> FasterRCNN:
     """``cls`` (detkit FasterRCNN) with ``model``'s settings and weights."""
     from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
-
-    from detkit.matching import (
-        AnchorGenerator,
-        BalancedPositiveNegativeSampler,
-        DeltaXYWHCoder,
-        Matcher,
-    )
 
     if not isinstance(model, TorchvisionFasterRCNN):
         raise ValueError(f"expected a torchvision FasterRCNN, got {type(model).__name__}")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.matching import DefaultBoxGenerator, DeltaXYWHCoder, HardNegativeSampler, SSDMatcher
 from detkit.models.heads.ssd import SSDHead
 from detkit.models.losses import MultiBoxLoss
 from detkit.models.postprocess import ssd_postprocess_padded
@@ -51,11 +52,6 @@ class SSD(nn.Module):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        from detkit.matching import (
-            DeltaXYWHCoder,
-            HardNegativeSampler,
-            SSDMatcher,
-        )
 
         self.num_classes = int(num_classes)
         self.image_size = _as_hw(image_size)
@@ -163,7 +159,6 @@ class SSD(nn.Module):
 
 def ssd300_priors() -> object:
     """The paper's (and torchvision's) SSD300 default boxes: 8732 at 300x300."""
-    from detkit.matching import DefaultBoxGenerator
 
     return DefaultBoxGenerator(
         [[2], [2, 3], [2, 3], [2, 3], [2], [2]],

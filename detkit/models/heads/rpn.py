@@ -14,6 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkit.matching import (
+    BalancedPositiveNegativeSampler,
+    DeltaXYWHCoder,
+    Matcher,
+    MatchResult,
+    match_priors,
+)
+from detkit.ops import batched_nms, box_iou, clip_boxes, remove_small_boxes
 from detkit.structures import PaddedTargets
 
 Size = tuple[int, int]
@@ -89,7 +97,6 @@ class RegionProposalNetwork(nn.Module):
         smooth_l1_beta: float = 1.0 / 9,
     ) -> None:
         super().__init__()
-        from detkit.matching import BalancedPositiveNegativeSampler, DeltaXYWHCoder, Matcher
 
         self.anchor_generator = anchor_generator
         self.head = head
@@ -147,8 +154,6 @@ class RegionProposalNetwork(nn.Module):
         image_sizes: Sequence[Size],
     ) -> list[Tensor]:
         """Top-n anchors per level, decoded, clipped, small/low removed, NMS per level."""
-        from detkit.models.heads.roi_heads import grouped_nms
-        from detkit.ops import clip_boxes, remove_small_boxes
 
         mode = "train" if self.training else "test"
         top_idx, levels, offset = [], [], 0
@@ -169,14 +174,12 @@ class RegionProposalNetwork(nn.Module):
             b, s, lv = b[keep], s[keep], level_ids[keep]
             keep = torch.where(s >= self.score_thresh)[0]
             b, s, lv = b[keep], s[keep], lv[keep]
-            keep = grouped_nms(b, s, lv, self.nms_thresh)[: self.post_nms_top_n[mode]]
+            keep = batched_nms(b, s, lv, self.nms_thresh)[: self.post_nms_top_n[mode]]
             proposals.append(b[keep])
         return proposals
 
     def label_anchors(self, anchors: Tensor, gt: PaddedTargets, image_sizes: Sequence[Size]):
         """:class:`detkit.matching.MatchResult` of every anchor (batched over images)."""
-        from detkit.matching import MatchResult, match_priors
-        from detkit.ops import box_iou
 
         if not self.remove_cross_boundary:
             return match_priors(anchors, gt, self.matcher)
