@@ -85,6 +85,21 @@ def pad_targets(targets: Targets, device: torch.device | None = None) -> PaddedT
     return PaddedTargets(boxes, labels, mask)
 
 
+def with_padding_slot(gt: PaddedTargets) -> PaddedTargets:
+    """``gt`` with at least one (masked-out, never matched) slot per image.
+
+    A batch without any box still needs ``M >= 1`` for the matchers' reductions and gathers.
+    """
+    if gt.boxes.shape[1] > 0:
+        return gt
+    batch, device = gt.boxes.shape[0], gt.boxes.device
+    return PaddedTargets(
+        torch.zeros(batch, 1, 4, device=device),
+        torch.full((batch, 1), -1, dtype=torch.int64, device=device),
+        torch.zeros(batch, 1, dtype=torch.bool, device=device),
+    )
+
+
 def empty_detections(device: torch.device | None = None) -> dict[str, Tensor]:
     """One image's detections with nothing found."""
     return {

@@ -134,9 +134,14 @@ def ssd_train(
     min_ious: Sequence[float] = SSD_MIN_IOUS,
     flip_p: float = 0.5,
     photometric_p: float = 0.5,
+    crop_p: float = 1.0,
+    crop_min_scale: float = 0.3,
 ) -> DetectionTransform:
     """SSD paper recipe: photometric distortion, zoom-out filled with ``mean`` (0..255),
-    IoU-constrained random crop, horizontal flip, resize to ``size``."""
+    IoU-constrained random crop, horizontal flip, resize to ``size``.
+
+    ``crop_p``/``crop_min_scale`` soften the crop for short schedules (the paper: 1.0/0.3);
+    ``flip_p=0`` is for data whose classes are not mirror-symmetric, such as digits."""
     height, width = _hw(size)
     return DetectionTransform(
         [
@@ -145,7 +150,9 @@ def ssd_train(
                 brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=float(photometric_p)
             ),
             ZoomOut(max_scale=float(max_zoom), fill=_plain(mean), p=float(zoom_out_p)),
-            SSDRandomCrop(min_ious=_plain(min_ious)),
+            SSDRandomCrop(
+                min_ious=_plain(min_ious), min_scale=float(crop_min_scale), p=float(crop_p)
+            ),
             A.HorizontalFlip(p=float(flip_p)),
             A.Resize(height, width, interpolation=cv2.INTER_LINEAR),
         ]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.matching import match_priors
-from detkit.structures import PaddedTargets
+from detkit.structures import PaddedTargets, with_padding_slot
 
 
 class MultiBoxLoss(nn.Module):
@@ -51,7 +51,7 @@ class MultiBoxLoss(nn.Module):
         ``priors [P, 4]`` xyxy pixels, ``gt`` padded targets with labels in ``0..C-1``.
         """
 
-        gt = _at_least_one_slot(gt)
+        gt = with_padding_slot(gt)
         match = match_priors(priors, gt, self.matcher, fused=self.fused_matching)
         positive = match.labels == 1
         batch_idx, prior_idx = positive.nonzero(as_tuple=True)
@@ -80,16 +80,3 @@ class MultiBoxLoss(nn.Module):
             "bbox_regression": self.alpha * loc_loss / num_matched,
             "classification": (conf_loss * selected).sum() / num_matched,
         }
-
-
-def _at_least_one_slot(gt: PaddedTargets) -> PaddedTargets:
-    """A batch without any box still needs ``M >= 1`` for the matcher's reductions: add one
-    masked-out slot, which can never be matched."""
-    if gt.boxes.shape[1] > 0:
-        return gt
-    batch, device = gt.boxes.shape[0], gt.boxes.device
-    return PaddedTargets(
-        torch.zeros(batch, 1, 4, device=device),
-        torch.full((batch, 1), -1, dtype=torch.int64, device=device),
-        torch.zeros(batch, 1, dtype=torch.bool, device=device),
-    )

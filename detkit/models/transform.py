@@ -47,3 +47,18 @@ def check_images(images: Tensor) -> None:
         raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+
+
+def check_inputs(
+    detector: nn.Module, images: Tensor, targets: list | None, return_detections: bool | None
+) -> bool:
+    """Validate a detector's ``forward`` arguments; returns whether detections are wanted
+    (in eval mode unless ``return_detections`` says otherwise)."""
+    check_images(images)
+    name = type(detector).__name__
+    wanted = not detector.training if return_detections is None else bool(return_detections)
+    if targets is None and not wanted:
+        raise ValueError(f"{name} in training mode needs targets (or return_detections=True)")
+    if targets is not None and len(targets) != images.shape[0]:
+        raise ValueError(f"{name}: got {images.shape[0]} images but {len(targets)} targets")
+    return wanted

@@ -8,27 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.matching import assign_yolov1, assign_yolov3
 from detkit.ops import ciou_loss, giou_loss
-from detkit.structures import PaddedTargets
+from detkit.structures import PaddedTargets, with_padding_slot
 
 BOX_LOSSES = ("offsets", "giou", "ciou")
-
-
-def _at_least_one_slot(gt: PaddedTargets) -> PaddedTargets:
-    """Give an all-empty batch one padded slot, so gathers by gt index stay valid."""
-    if gt.boxes.shape[1] > 0:
-        return gt
-    batch, device = gt.boxes.shape[0], gt.boxes.device
-    return PaddedTargets(
-        torch.zeros(batch, 1, 4, device=device),
-        torch.full((batch, 1), -1, dtype=torch.int64, device=device),
-        torch.zeros(batch, 1, dtype=torch.bool, device=device),
-    )
 
 
 def _gather(values: Tensor, index: Tensor) -> Tensor:
@@ -61,7 +48,7 @@ class YOLOv1Loss(nn.Module):
         self, raw, gt: PaddedTargets, image_size: Sequence[int], head: nn.Module
     ) -> dict[str, Tensor]:
 
-        gt = _at_least_one_slot(gt)
+        gt = with_padding_slot(gt)
         pred_boxes = head.decode_boxes(raw, image_size).detach()
         assign = assign_yolov1(gt, head.grid_size, image_size, pred_boxes)
         cell_boxes = _gather(gt.boxes.float(), assign.matched_gt)  # [B, S, S, 4]
@@ -130,7 +117,7 @@ class YOLOv3Loss(nn.Module):
         self, raw: Tensor, gt: PaddedTargets, image_size: Sequence[int], head: nn.Module
     ) -> dict[str, Tensor]:
 
-        gt = _at_least_one_slot(gt)
+        gt = with_padding_slot(gt)
         raw = raw.float()
         pred_boxes = head.decode_boxes(raw, image_size)
         assign = assign_yolov3(

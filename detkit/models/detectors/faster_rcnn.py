@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from detkit.models.heads.roi_heads import RoIHeads
 from detkit.models.heads.rpn import RegionProposalNetwork, RPNHead
-from detkit.models.transform import Normalize, check_images
+from detkit.models.transform import Normalize, check_inputs
 from detkit.structures import DetectorOutput, Targets, pad_targets
 
 
@@ -77,12 +77,7 @@ class FasterRCNN(nn.Module):
         return_detections: bool | None = None,
     ) -> DetectorOutput:
         """Losses when ``targets`` are given; detections in eval mode (or when asked)."""
-        check_images(images)
-        want = not self.training if return_detections is None else return_detections
-        if targets is None and not want:
-            raise ValueError("FasterRCNN in training mode needs targets (or return_detections)")
-        if targets is not None and len(targets) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(targets)} targets")
+        want = check_inputs(self, images, targets, return_detections)
         features = self.backbone(self.normalize(images))
         if isinstance(features, Tensor):
             features = [features]

@@ -12,7 +12,7 @@ from detkit.matching import DefaultBoxGenerator, DeltaXYWHCoder, HardNegativeSam
 from detkit.models.heads.ssd import SSDHead
 from detkit.models.losses import MultiBoxLoss
 from detkit.models.postprocess import ssd_postprocess_padded
-from detkit.models.transform import Normalize, check_images
+from detkit.models.transform import Normalize, check_images, check_inputs
 from detkit.structures import DetectorOutput, Targets, pad_targets, unpad_detections
 
 
@@ -100,10 +100,7 @@ class SSD(nn.Module):
         return_detections: bool | None = None,
     ) -> DetectorOutput:
         """Losses when ``targets`` are given; detections in eval mode (or when asked)."""
-        check_images(images)
-        want_detections = not self.training if return_detections is None else return_detections
-        if targets is None and not want_detections:
-            raise ValueError("SSD in training mode needs targets (or return_detections=True)")
+        want_detections = check_inputs(self, images, targets, return_detections)
         features = self.backbone(self.normalize(images))
         cls_logits, box_deltas = self.head(features)
         image_size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -115,8 +112,6 @@ class SSD(nn.Module):
             )
         output = DetectorOutput()
         if targets is not None:
-            if len(targets) != images.shape[0]:
-                raise ValueError(f"got {images.shape[0]} images but {len(targets)} targets")
             gt = pad_targets(targets, device=images.device)
             output.losses = self.loss(cls_logits, box_deltas, priors, gt)
         if want_detections:

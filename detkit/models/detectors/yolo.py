@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from detkit.models.transform import Normalize, check_images
+from detkit.models.transform import Normalize, check_inputs
 from detkit.structures import DetectorOutput, Targets, pad_targets, unpad_detections
 
 HeadFactory = Callable[..., nn.Module]
@@ -87,16 +87,11 @@ class YOLO(nn.Module):
         return_detections: bool | None = None,
     ) -> DetectorOutput:
         """Losses when ``targets`` are given; detections in eval mode (or when asked)."""
-        check_images(images)
-        want_detections = not self.training if return_detections is None else return_detections
-        if targets is None and not want_detections:
-            raise ValueError("YOLO in training mode needs targets (or return_detections=True)")
+        want_detections = check_inputs(self, images, targets, return_detections)
         image_size = (int(images.shape[-2]), int(images.shape[-1]))
         raw = self.head(self.neck(self.backbone(self.normalize(images))))
         output = DetectorOutput()
         if targets is not None:
-            if len(targets) != images.shape[0]:
-                raise ValueError(f"got {images.shape[0]} images but {len(targets)} targets")
             gt = pad_targets(targets, device=images.device)
             output.losses = self.loss(raw, gt, image_size, self.head)
         if want_detections:

@@ -22,7 +22,7 @@ from detkit.matching import (
     match_priors,
 )
 from detkit.ops import batched_nms, box_iou, clip_boxes, remove_small_boxes
-from detkit.structures import PaddedTargets
+from detkit.structures import PaddedTargets, with_padding_slot
 
 Size = tuple[int, int]
 
@@ -203,7 +203,7 @@ class RegionProposalNetwork(nn.Module):
     ) -> dict[str, Tensor]:
         """``rpn_objectness`` (BCE over sampled anchors) and ``rpn_box`` (smooth L1 over the
         sampled positives, divided by the number of sampled anchors, as torchvision)."""
-        gt = _at_least_one_slot(gt)
+        gt = with_padding_slot(gt)
         match = self.label_anchors(anchors, gt, image_sizes)
         pos, neg = self.sampler(match.labels)
         sampled = pos | neg
@@ -223,15 +223,3 @@ class RegionProposalNetwork(nn.Module):
             / sampled.sum()
         )
         return {"rpn_objectness": objectness_loss, "rpn_box": box_loss}
-
-
-def _at_least_one_slot(gt: PaddedTargets) -> PaddedTargets:
-    """Give a batch without any ground truth one padded slot so gathers have a source."""
-    if gt.boxes.shape[1] > 0:
-        return gt
-    batch, device = gt.boxes.shape[0], gt.boxes.device
-    return PaddedTargets(
-        torch.zeros(batch, 1, 4, device=device),
-        torch.full((batch, 1), -1, dtype=torch.int64, device=device),
-        torch.zeros(batch, 1, dtype=torch.bool, device=device),
-    )
