@@ -1,2 +1,3 @@
 """detkit: object detection from small, swappable parts."""
+
 __version__ = "0.1.0"
