@@ -17,17 +17,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
+from detkit.models.backbones.weights import verify_weights
 from detkit.models.necks.fpn import FeaturePyramidNetwork
-
-
-def _weights_enum(enum_cls, weights: str | None, arg: str):
-    if weights is None:
-        return None
-    try:
-        return enum_cls.verify(weights)
-    except (KeyError, ValueError, TypeError) as err:
-        names = [w.name for w in enum_cls]
-        raise ValueError(f"{arg}={weights!r} is not one of {names}") from err
 
 
 def _norm_layer(norm: str | None, pretrained: bool):
@@ -81,7 +72,7 @@ class VGG16C5Backbone(nn.Module):
         super().__init__()
         from torchvision.models import VGG16_Weights, vgg16
 
-        enum = _weights_enum(VGG16_Weights, weights, "VGG16C5Backbone weights")
+        enum = verify_weights(VGG16_Weights, weights, "VGG16C5Backbone weights")
         self.features = vgg16(weights=enum).features[:30]  # drop pool5
         if enum is not None:
             convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
@@ -123,7 +114,7 @@ class ResNetFPNBackbone(nn.Module):
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
         enum_cls = getattr(resnet, f"ResNet{depth}_Weights")
-        enum = _weights_enum(enum_cls, weights, "ResNetFPNBackbone weights")
+        enum = verify_weights(enum_cls, weights, "ResNetFPNBackbone weights")
         net = getattr(resnet, f"resnet{depth}")(
             weights=enum, norm_layer=_norm_layer(norm, enum is not None)
         )
@@ -165,7 +156,7 @@ class MobileNetV3FPNBackbone(nn.Module):
         super().__init__()
         from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
 
-        enum = _weights_enum(MobileNet_V3_Large_Weights, weights, "MobileNetV3FPNBackbone weights")
+        enum = verify_weights(MobileNet_V3_Large_Weights, weights, "MobileNetV3FPNBackbone weights")
         features = mobilenet_v3_large(
             weights=enum, norm_layer=_norm_layer(norm, enum is not None)
         ).features

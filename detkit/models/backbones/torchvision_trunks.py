@@ -10,19 +10,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from detkit.models.backbones.extras import make_extras
+from detkit.models.backbones.weights import verify_weights
 
 # 10 -> 5 -> 3 -> 1, with BatchNorm since these trunks are BatchNorm nets.
 _LIGHT_EXTRAS = ((256, 512, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0))
-
-
-def _verify(enum_cls, weights: str | None, arg: str):
-    if weights is None:
-        return None
-    try:
-        return enum_cls.verify(weights)
-    except (KeyError, ValueError, TypeError) as err:
-        names = [w.name for w in enum_cls]
-        raise ValueError(f"{arg}={weights!r} is not one of {names}") from err
 
 
 class MobileNetV3Backbone(nn.Module):
@@ -32,7 +23,7 @@ class MobileNetV3Backbone(nn.Module):
         super().__init__()
         from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
 
-        enum = _verify(MobileNet_V3_Large_Weights, weights, "MobileNetV3Backbone weights")
+        enum = verify_weights(MobileNet_V3_Large_Weights, weights, "MobileNetV3Backbone weights")
         features = mobilenet_v3_large(weights=enum).features
         # Indices where torchvision's MobileNetV3-Large changes stride: 7 (->16) and 13 (->32).
         self.stages = nn.ModuleList([features[:7], features[7:13], features[13:]])
@@ -55,7 +46,7 @@ class ResNet18Backbone(nn.Module):
         super().__init__()
         from torchvision.models import ResNet18_Weights, resnet18
 
-        enum = _verify(ResNet18_Weights, weights, "ResNet18Backbone weights")
+        enum = verify_weights(ResNet18_Weights, weights, "ResNet18Backbone weights")
         net = resnet18(weights=enum)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.stages = nn.ModuleList([net.layer2, net.layer3, net.layer4])
