@@ -1,12 +1,15 @@
-"""Fakes shared by the tests: a tiny dataset of coloured squares and a detector stand-in.
+"""Fakes and references shared by the tests and benchmarks.
 
-They exercise the engine (training loop, checkpoints, resume, metrics) without the cost of
-a real detector; real detectors have their own end-to-end tests.
+A tiny dataset of coloured squares and a detector stand-in exercise the engine (training
+loop, checkpoints, resume, metrics) without the cost of a real detector; real detectors have
+their own end-to-end tests. :func:`torchvision_ssd_postprocess` is the reference our
+``multiclass_nms`` is checked and timed against.
 """
 
 from __future__ import annotations
 
 import torch
+import torchvision.ops
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -113,3 +116,59 @@ class FakeDetector(nn.Module):
             "scores": score.expand(len(boxes)).clone(),
             "labels": torch.tensor(labels),
         }
+
+
+def torchvision_ssd_postprocess(
+    boxes: Tensor,
+    scores: Tensor,
+    score_thresh: float,
+    nms_thresh: float,
+    detections: int,
+    topk_candidates: int,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """torchvision's ``SSD.postprocess_detections`` after decoding and clipping, per image.
+
+    ``boxes [N, A, 4]``, ``scores [N, A, C]`` (labels 0..C-1, no background column). Returns
+    per image ``(boxes, scores, labels)``: per class the scores above ``score_thresh`` and
+    their top ``topk_candidates``, then one ``batched_nms`` and the best ``detections``.
+    """
+    results = []
+    for image_boxes, image_scores in zip(boxes, scores, strict=True):
+        all_boxes, all_scores, all_labels = [], [], []
+        for label in range(image_scores.shape[1]):
+            score = image_scores[:, label]
+            keep = score > score_thresh
+            score, box = score[keep], image_boxes[keep]
+            score, idx = score.topk(min(topk_candidates, score.size(0)))
+            all_boxes.append(box[idx])
+            all_scores.append(score)
+            all_labels.append(torch.full_like(score, label, dtype=torch.int64))
+        cat_boxes, cat_scores = torch.cat(all_boxes), torch.cat(all_scores)
+        cat_labels = torch.cat(all_labels)
+        keep = torchvision.ops.batched_nms(cat_boxes, cat_scores, cat_labels, nms_thresh)
+        keep = keep[:detections]
+        results.append((cat_boxes[keep], cat_scores[keep], cat_labels[keep]))
+    return results
+
+
+def digits_batch(
+    n: int, image_size: int = 128, seed: int = 0, digit_size: tuple[int, int] = (20, 60)
+) -> tuple[Tensor, list[dict]]:
+    """``n`` digits canvases rendered in memory, as a batch: ``(images [n, 3, S, S] in [0, 1],
+    targets)`` with ``boxes`` (xyxy pixels) and ``labels`` (the digit), for overfit tests on
+    real handwriting without building the dataset on disk."""
+    import numpy as np
+
+    from detkit.data.datasets.digits import load_mnist_5k, render_canvas, split_indices
+
+    digits, labels = load_mnist_5k()
+    pool = split_indices(labels, "train")
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for _ in range(n):
+        image, boxes, classes = render_canvas(
+            rng, digits[pool], labels[pool], image_size, digit_size
+        )
+        images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+        targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes)})
+    return torch.stack(images), targets

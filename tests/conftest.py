@@ -14,3 +14,12 @@ import torch  # noqa: E402
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors on a shared 2-core machine: extra intra-op threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ import torch
 import torchvision.ops as tv
 
 from detkit import ops
+from detkit.testing import torchvision_ssd_postprocess
 
 
 def random_boxes(n: int, size: float = 600.0, *, batch: tuple[int, ...] = ()) -> torch.Tensor:
@@ -42,26 +43,6 @@ def detector_scores(batch: int, boxes: int, classes: int) -> torch.Tensor:
         torch.where(objects, hot, logits.gather(2, label[..., None])[..., 0])[..., None],
     )  # noqa: E501
     return torch.sigmoid(logits)
-
-
-def ssd_postprocess(boxes, scores, score_thresh, nms_thresh, detections, topk_candidates):
-    """torchvision SSD.postprocess_detections, per image (after decode/clip), labels 0..C-1."""
-    results = []
-    for image_boxes, image_scores in zip(boxes, scores, strict=True):
-        all_boxes, all_scores, all_labels = [], [], []
-        for label in range(image_scores.shape[1]):
-            score = image_scores[:, label]
-            keep = score > score_thresh
-            score, box = score[keep], image_boxes[keep]
-            score, idx = score.topk(min(topk_candidates, score.size(0)))
-            all_boxes.append(box[idx])
-            all_scores.append(score)
-            all_labels.append(torch.full_like(score, label, dtype=torch.int64))
-        cat_boxes, cat_scores = torch.cat(all_boxes), torch.cat(all_scores)
-        cat_labels = torch.cat(all_labels)
-        keep = tv.batched_nms(cat_boxes, cat_scores, cat_labels, nms_thresh)[:detections]
-        results.append((cat_boxes[keep], cat_scores[keep], cat_labels[keep]))
-    return results
 
 
 def identical(ours, reference) -> bool:
@@ -104,7 +85,7 @@ def main() -> None:
     boxes, scores = random_boxes(3000, batch=(16,)), detector_scores(16, 3000, 80)
     settings = dict(score_thresh=0.01, nms_thresh=0.45, detections=200, topk_candidates=400)
     ours_fn = lambda: ops.multiclass_nms(boxes, scores, 0.01, 0.45, 200, per_class_top_k=400)  # noqa: E731
-    ref_fn = lambda: ssd_postprocess(boxes, scores, **settings)  # noqa: E731
+    ref_fn = lambda: torchvision_ssd_postprocess(boxes, scores, **settings)  # noqa: E731
     same = identical(ours_fn(), ref_fn())
     candidates = int((scores > 0.01).sum()) // 16
     print(f"multiclass_nms 16x3000x80: ~{candidates} candidates/image; identical detections "

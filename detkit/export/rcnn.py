@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.export.wrappers import ExportWrapper
+from detkit.ops import clip_boxes, multiclass_nms
 
 
 class FasterRCNNExport(ExportWrapper):
@@ -69,8 +70,6 @@ class FasterRCNNExport(ExportWrapper):
 
     def propose(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Padded proposals ``[B, post_nms_top_n, 4]`` and their validity mask."""
-        from detkit.ops import clip_boxes, multiclass_nms
-
         rpn = self.model.rpn
         objectness, deltas = rpn.head(features)
         top_idx, level_of, offset = [], [], 0
@@ -110,8 +109,6 @@ class FasterRCNNExport(ExportWrapper):
 
     def detect(self, logits: Tensor, deltas: Tensor, rois: Tensor, valid: Tensor):
         """Per-class decoding, clipping, score and size filters, then per-class NMS."""
-        from detkit.ops import clip_boxes
-
         heads = self.model.roi_heads
         batch, per_image = valid.shape
         num_cls = logits.shape[-1]  # C + 1, background first
@@ -128,7 +125,7 @@ class FasterRCNNExport(ExportWrapper):
         own_class = torch.eye(classes, dtype=torch.bool, device=scores.device)
         # Each (proposal, class) box is a candidate of its class only.
         sparse = torch.where(own_class & keep[..., None], scores[..., None], -1.0)
-        return self.finish(
+        return multiclass_nms(
             boxes.reshape(batch, -1, 4),
             sparse.reshape(batch, -1, classes),
             score_threshold=heads.score_thresh,

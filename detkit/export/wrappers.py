@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkit.ops import clip_boxes, multiclass_nms
+
 NMS_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
 RAW_OUTPUTS = ("boxes", "scores")
 
@@ -57,21 +59,36 @@ class ExportWrapper(nn.Module):
         """Thresholds baked into the graph (written to the sidecar)."""
         return {}
 
-    def finish(self, boxes: Tensor, scores: Tensor, **nms_kwargs) -> tuple[Tensor, ...]:
-        """Raw ``(boxes, scores)`` or the padded ``multiclass_nms`` outputs."""
-        if not self.nms:
-            return boxes, scores
-        from detkit.ops import multiclass_nms
-
-        return multiclass_nms(boxes, scores, **nms_kwargs)
-
     def dummy_features(self, run) -> list[Tensor]:
         """Feature maps of one zero image (their sizes fix the priors of the graph)."""
         with torch.no_grad():
             return list(run(torch.zeros(1, 3, *self.image_size, device=_device(self.model))))
 
 
-class SSDExport(ExportWrapper):
+class OneStageExport(ExportWrapper):
+    """SSD and YOLO: decoded boxes and scores for every prior, clipped to the image, then
+    ``multiclass_nms`` with the model's thresholds and its top-k rule (``top_k_rule``)."""
+
+    top_k_rule = "per_class_top_k"
+
+    def nms_settings(self) -> dict:
+        m = self.model
+        return {
+            "score_threshold": m.score_threshold,
+            "iou_threshold": m.nms_threshold,
+            "max_detections": m.detections_per_image,
+            self.top_k_rule: m.topk_candidates,
+        }
+
+    def finish(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
+        """Clipped ``(boxes, scores)``, or the padded ``multiclass_nms`` outputs."""
+        boxes = clip_boxes(boxes, self.image_size)
+        if not self.nms:
+            return boxes, scores
+        return multiclass_nms(boxes, scores, **self.nms_settings())
+
+
+class SSDExport(OneStageExport):
     """SSD: normalise, backbone, head, softmax without background, decode against the default
     boxes (a buffer, computed once by the model's own prior generator), clip, NMS with
     SSD's per-class top-k rule."""
@@ -83,60 +100,27 @@ class SSDExport(ExportWrapper):
         features = self.dummy_features(lambda x: model.backbone(model.normalize(x)))
         self.register_buffer("priors", model.priors(self.image_size, features).clone())
 
-    def nms_settings(self) -> dict:
-        m = self.model
-        return {
-            "score_threshold": m.score_threshold,
-            "iou_threshold": m.nms_threshold,
-            "max_detections": m.detections_per_image,
-            "per_class_top_k": m.topk_candidates,
-        }
-
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        from detkit.ops import clip_boxes
-
         m = self.model
         cls_logits, deltas = m.head(m.backbone(m.normalize(images)))
         scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:]
         boxes = m.box_coder.decode(deltas.float(), self.priors.unsqueeze(0))
-        boxes = clip_boxes(boxes, self.image_size)
-        s = self.nms_settings()
-        return self.finish(
-            boxes,
-            scores,
-            score_threshold=s["score_threshold"],
-            iou_threshold=s["iou_threshold"],
-            max_detections=s["max_detections"],
-            per_class_top_k=s["per_class_top_k"],
-        )
+        return self.finish(boxes, scores)
 
 
-class YOLOExport(ExportWrapper):
+class YOLOExport(OneStageExport):
     """YOLO (v1 and v3 heads): normalise, backbone, neck, head, the head's own ``decode``,
     clip, NMS with the model's per-image top-k."""
 
     family = "yolo"
 
-    def __init__(self, model: nn.Module, image_size: tuple[int, int], nms: bool = True) -> None:
-        super().__init__(model, image_size, nms)
-
-    def nms_settings(self) -> dict:
-        m = self.model
-        return {
-            "score_threshold": m.score_threshold,
-            "iou_threshold": m.nms_threshold,
-            "max_detections": m.detections_per_image,
-            "pre_nms_top_k": m.topk_candidates,
-        }
+    top_k_rule = "pre_nms_top_k"
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        from detkit.ops import clip_boxes
-
         m = self.model
         raw = m.head(m.neck(m.backbone(m.normalize(images))))
         boxes, scores = m.head.decode(raw, self.image_size)
-        boxes = clip_boxes(boxes.float(), self.image_size)
-        return self.finish(boxes, scores.float(), **self.nms_settings())
+        return self.finish(boxes.float(), scores.float())
 
 
 def export_wrapper(

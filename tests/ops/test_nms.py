@@ -7,6 +7,7 @@ import torch
 import torchvision.ops as tv
 
 from detkit import ops
+from detkit.testing import torchvision_ssd_postprocess
 
 
 def random_boxes(n: int, scale: float = 100.0, dtype=torch.float32) -> torch.Tensor:
@@ -63,26 +64,6 @@ def test_opcheck_nms_ops():
     torch.library.opcheck(torch.ops.detkit.multiclass_nms, (b, s, 0.2, 0.5, 10, None, 5))
 
 
-def ssd_postprocess(boxes, scores, score_thresh, nms_thresh, detections, topk_candidates):
-    """torchvision SSD.postprocess_detections per image (decode/clip done), labels 0..C-1."""
-    results = []
-    for image_boxes, image_scores in zip(boxes, scores, strict=True):
-        all_boxes, all_scores, all_labels = [], [], []
-        for label in range(image_scores.shape[1]):
-            score = image_scores[:, label]
-            keep = score > score_thresh
-            score, box = score[keep], image_boxes[keep]
-            score, idx = score.topk(min(topk_candidates, score.size(0)))
-            all_boxes.append(box[idx])
-            all_scores.append(score)
-            all_labels.append(torch.full_like(score, label, dtype=torch.int64))
-        cat_boxes, cat_scores = torch.cat(all_boxes), torch.cat(all_scores)
-        cat_labels = torch.cat(all_labels)
-        keep = tv.batched_nms(cat_boxes, cat_scores, cat_labels, nms_thresh)[:detections]
-        results.append((cat_boxes[keep], cat_scores[keep], cat_labels[keep]))
-    return results
-
-
 def per_image_reference(boxes, scores, score_thresh, nms_thresh, detections, pre_nms_top_k):
     """Our documented semantics, one image and one torchvision call at a time."""
     results = []
@@ -120,10 +101,10 @@ def detection_batch(batch=3, n=200, classes=6):
 
 
 @pytest.mark.parametrize("topk", [None, 15])
-def test_multiclass_nms_equals_torchvision_ssd_postprocess(topk):
+def test_multiclass_nms_equals_torchvision_torchvision_ssd_postprocess(topk):
     boxes, scores = detection_batch()
     ours = ops.multiclass_nms(boxes, scores, 0.05, 0.45, 25, per_class_top_k=topk or 10**9)
-    ref = ssd_postprocess(boxes, scores, 0.05, 0.45, 25, topk or 10**9)
+    ref = torchvision_ssd_postprocess(boxes, scores, 0.05, 0.45, 25, topk or 10**9)
     assert_same_detections(ours, ref, 25)
 
 

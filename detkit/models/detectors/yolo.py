@@ -144,13 +144,19 @@ def yolov1(
     backbone: nn.Module | None = None,
     grid_size: int = 7,
     num_boxes: int = 2,
+    downsample: bool = True,
     **kwargs,
 ) -> YOLO:
-    """YOLOv1 detector: a stride-32 backbone, the conv head to an S x S grid, the paper's loss."""
+    """YOLOv1 detector: a stride-32 backbone, the conv head to an S x S grid, the paper's loss.
+
+    ``downsample``: the head's stride-2 conv (stride 64: 7x7 at 448 px, as the paper); False
+    keeps stride 32 (e.g. a 4x4 grid at 128 px)."""
     from detkit.models.backbones.darknet import CSPDarknet
     from detkit.models.heads.yolo import YOLOv1Head
     from detkit.models.yolo_losses import YOLOv1Loss
 
     backbone = backbone if backbone is not None else CSPDarknet(out_stages=(4,))
-    head = YOLOv1Head(backbone.out_channels, num_classes, grid_size, num_boxes)
+    head = YOLOv1Head(
+        backbone.out_channels, num_classes, grid_size, num_boxes, downsample=downsample
+    )
     return YOLO(backbone, num_classes, head, YOLOv1Loss(), None, image_size, **kwargs)

@@ -30,8 +30,10 @@ class YOLOv1Head(nn.Module):
     """The YOLOv1 output: 3x3 convs (one of stride 2), a 1x1 predictor of ``K*5 + C`` maps.
 
     At 448 px on a stride-32 backbone the stride-2 conv gives the paper's 7x7 grid (stride 64);
-    ``downsample=False`` keeps the backbone's stride (e.g. a 4x4 grid at 128 px). A map of
-    another size is average-pooled to ``grid_size`` so the grid is always S x S. The paper's outputs
+    ``downsample=False`` keeps the backbone's stride (e.g. a 4x4 grid at 128 px). A larger map
+    is average-pooled to ``grid_size`` so the grid is always S x S; a smaller one is an error,
+    since stretching it would give neighbouring cells the same features (they could not tell
+    their objects apart). The paper's outputs
     are linear; here x, y, sqrt w, sqrt h and the confidence pass through a sigmoid (their
     targets lie in [0, 1]) and the class scores through a softmax, which keeps the
     sum-squared loss from diverging early in training without changing its targets.
@@ -79,6 +81,11 @@ class YOLOv1Head(nn.Module):
         x = features if isinstance(features, Tensor) else features[-1]
         x = self.convs(x)
         s = self.grid_size
+        if x.shape[-2] < s or x.shape[-1] < s:
+            raise ValueError(
+                f"YOLOv1Head: the head's map is {tuple(x.shape[-2:])}, smaller than the "
+                f"{s}x{s} grid; use a larger image, a smaller grid_size or downsample=False"
+            )
         if tuple(x.shape[-2:]) != (s, s):
             x = F.adaptive_avg_pool2d(x, (s, s))
         y = self.predictor(x).permute(0, 2, 3, 1)  # [B, S, S, K*5 + C]
