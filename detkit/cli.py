@@ -1,8 +1,9 @@
 """The ``detkit`` command: ``detkit train|eval|export|predict|data [action] [overrides]``.
 
-Each sub-command is a Hydra app over ``configs/<name>.yaml``; everything after the
-sub-command (and, for ``data``, its action word) is a Hydra override such as
-``experiment=digits_ssd trainer.max_epochs=3``.
+Each sub-command is a Hydra app over the packaged ``detkit/configs/<name>.yaml``; everything
+after the sub-command (and, for ``data``, its action word) is a Hydra override such as
+``experiment=digits_ssd trainer.max_epochs=3``. Users' own config folders join the search path
+as :mod:`detkit.config` describes (``--config-dir DIR``, ``./configs``, ``DETKIT_CONFIG_PATH``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
+from detkit.config import CONFIG_DIR, search_path_overrides
 from detkit.errors import NotBuiltError, UserError
 
 USAGE = """usage: detkit <command> [overrides...]
@@ -26,7 +27,8 @@ commands:
   data      dataset tools               detkit data digits|browse|stats|anchors [...]
 
 Overrides are Hydra's: key=value, group=option; add --help after the command for the
-composed configuration and --cfg job to print it."""
+composed configuration and --cfg job to print it. Your own configs (experiment/mine.yaml,
+data/mine.yaml, ...) go in ./configs or --config-dir DIR, searched before detkit's."""
 
 # The Hydra config and the function behind each sub-command.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,15 +38,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "detkit.engine.run:export"),
     "data": ("data_tool", "detkit.data.command:run"),
 }
-
-
-def config_dir() -> Path:
-    """``configs/`` beside the package (the repository root in an editable install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"detkit configs not found next to {here}")
 
 
 def _load(target: str) -> Callable:
@@ -58,7 +51,7 @@ def run_hydra_app(config_name: str, target: str, overrides: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         try:
             _load(target)(cfg)
@@ -72,11 +65,21 @@ def run_hydra_app(config_name: str, target: str, overrides: list[str]) -> None:
 
     # Hydra parses sys.argv; hand it the overrides as if they were the whole command line.
     saved = sys.argv
-    sys.argv = [f"detkit {config_name}", *overrides]
+    sys.argv = [f"detkit {config_name}", *with_search_path(overrides)]
     try:
         app()
     finally:
         sys.argv = saved
+
+
+def with_search_path(args: list[str]) -> list[str]:
+    """``args`` with the users' config folders on Hydra's search path (unless the user set
+    ``hydra.searchpath``). Hydra reads overrides as one run of positional arguments, so ours
+    joins the user's run (or starts one before the flags)."""
+    if any(a.startswith("hydra.searchpath") for a in args):
+        return list(args)
+    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
+    return [*args[:first], *search_path_overrides(), *args[first:]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,20 +21,18 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from detkit.config import compose_config
 from detkit.export import export_onnx
 from detkit.export.verify import sample_images
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGETS = {"ssd_digits": 1.5, "yolo_digits": 1.5, "faster_rcnn_digits": None}
 
 
 def build(name: str):
     torch.manual_seed(0)
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}"])
+    cfg = compose_config("train", [f"model={name}"])
     return instantiate(cfg.model).eval()
 
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 
 def build(model_name: str, num_classes: int):
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    config_dir = Path(__file__).resolve().parents[1] / "configs"
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = compose("train", overrides=[f"model={model_name}", f"data.num_classes={num_classes}"])
+    from detkit.config import compose_config
+
+    cfg = compose_config("train", [f"model={model_name}", f"data.num_classes={num_classes}"])
     return instantiate(cfg.model)
 
 

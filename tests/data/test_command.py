@@ -6,19 +6,16 @@ import ast
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
+from detkit.config import compose_config
 from detkit.data import DetectionDataModule
 from detkit.data.command import run
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
 
 def data_tool_cfg(overrides: list[str]):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("data_tool", overrides=overrides)
+    return compose_config("data_tool", overrides)
 
 
 def small(root: Path) -> list[str]:

@@ -7,20 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from detkit.config import compose_config
 from detkit.export.verify import sample_images
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SIZE = (256, 256)
 
 
 def compose_train_config(model: str, overrides: tuple[str, ...] = ()):
     """``configs/train.yaml`` with ``model=<model>`` (no Hydra run: paths are not resolved)."""
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=[f"model={model}", *overrides])
+    return compose_config("train", [f"model={model}", *overrides])
 
 
 def build_model(model: str):

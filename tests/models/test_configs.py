@@ -1,12 +1,11 @@
 """The model configs compose with Hydra and instantiate into working detectors."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from detkit.config import CONFIG_DIR as CONFIGS
 from detkit.matching import DefaultBoxGenerator, HardNegativeSampler, SSDMatcher
 from detkit.models import SSD
 from detkit.models.backbones import (
@@ -15,8 +14,6 @@ from detkit.models.backbones import (
     SmallBackbone,
     VGG16Backbone,
 )
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _model_cfg(model: str, *overrides: str):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torchvision.models.detection import (
@@ -12,6 +10,7 @@ from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn,
 )
 
+from detkit.config import CONFIG_DIR as CONFIGS
 from detkit.matching import AnchorGenerator, BalancedPositiveNegativeSampler
 from detkit.models.backbones.rcnn_backbones import WithFPN
 from detkit.models.backbones.small import SmallBackbone
@@ -19,8 +18,6 @@ from detkit.models.detectors.faster_rcnn import FasterRCNN
 from detkit.models.heads.roi_heads import RoIHeads, RoIPooler
 from detkit.models.heads.rpn import RegionProposalNetwork
 from detkit.testing import digits_batch
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _torchvision(builder, height: int, width: int, **kw):

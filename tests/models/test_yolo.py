@@ -155,9 +155,9 @@ def _compose(overrides):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from detkit.cli import config_dir
+    from detkit.config import CONFIG_DIR
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("train", overrides=overrides)
     return cfg, instantiate(cfg.model)
 
