@@ -8,6 +8,8 @@ their own end-to-end tests. :func:`torchvision_ssd_postprocess` is the reference
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torchvision.ops
 from torch import Tensor, nn
@@ -73,6 +75,53 @@ class SquaresDataset(Dataset):
             for cid, name in zip(self.label_to_category_id, self.class_names, strict=True)
         ]
         return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def write_squares_coco(root: str | Path) -> tuple[Path, dict]:
+    """Five 64x64 PNGs of red, green and blue squares (:class:`FakeDetector`'s labels 0, 1,
+    2) in ``root/images`` and ``root/ann.json``, a COCO file about them that a dataset's
+    targets would not reproduce: sub-pixel corners, areas that are not w*h (across COCO's
+    small/medium/large limits), a crowd region, category ids listed out of order. Returns
+    ``(ann_file, its content)``."""
+    import numpy as np
+    from PIL import Image
+
+    from detkit.files import write_json
+
+    root = Path(root)
+    squares = {
+        11: [(0, 4, 6, 30, 28), (2, 40, 40, 60, 58)],
+        12: [(1, 10, 12, 50, 44)],
+        13: [(0, 30, 2, 62, 20), (1, 2, 36, 22, 62)],
+        14: [],
+        15: [(2, 8, 8, 56, 56)],
+    }
+    factors = iter([0.2, 12.0, 3.0, 40.0, 1.0, 0.5])
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": 8, "name": "blue"}, {"id": 3, "name": "red"}, {"id": 5, "name": "green"}]
+    data = {"images": [], "annotations": [], "categories": categories}
+    for image_id, boxes in squares.items():
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        for channel, x1, y1, x2, y2 in boxes:
+            pixels[y1:y2, x1:x2, channel] = 255
+            w, h = (x2 - x1) * 0.93, (y2 - y1) * 1.04
+            data["annotations"].append(
+                {
+                    "id": len(data["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": (3, 5, 8)[channel],
+                    "bbox": [x1 + 0.3, y1 - 0.2, w, h],
+                    "area": w * h * next(factors),
+                    "iscrowd": 0,
+                }
+            )
+        Image.fromarray(pixels).save(root / "images" / f"{image_id}.png")
+        data["images"].append(
+            {"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 64}
+        )
+    crowd = {"id": 99, "image_id": 14, "category_id": 3, "bbox": [0, 0, 30, 30], "area": 500}
+    data["annotations"].append({**crowd, "iscrowd": 1})
+    return write_json(root / "ann.json", data), data
 
 
 class FakeDetector(nn.Module):

@@ -31,12 +31,17 @@ def run_detector(
 
 
 def coco_results(pairs: list[tuple[dict, dict]], dataset) -> list[dict]:
-    """COCO results JSON entries (``xywh`` boxes, dataset category ids) for ``pairs``."""
+    """COCO results JSON entries (``xywh`` boxes, dataset category ids) for ``pairs``.
+
+    Width and height are taken in float64 from the float32 corners (exactly, with no second
+    rounding), as :class:`detkit.eval.DetectionMetric` takes them: validation during
+    training and these results score the same boxes.
+    """
     category_ids = list(dataset.label_to_category_id)
     results = []
     for target, det in pairs:
         image_id = int(target["image_id"])
-        boxes = det["boxes"].float()
+        boxes = det["boxes"].float().double()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         for box, score, label in zip(
             xywh, det["scores"].tolist(), det["labels"].tolist(), strict=True

@@ -32,7 +32,9 @@ class DetectionModule(L.LightningModule):
     """Trains ``model`` (any detkit detector) and validates it with one pass per batch.
 
     The detector returns losses and detections from the same forward in eval mode, so the
-    validation loss and the mAP come from one pass over the data.
+    validation loss and the mAP come from one pass over the data. When the val dataset has
+    ``coco_ground_truth()`` (every detkit dataset), the metric scores against it: for a COCO
+    file, the file as written, so ``val/mAP`` is the official number.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class DetectionModule(L.LightningModule):
         # The resolved run config travels inside every checkpoint (see engine.checkpoint).
         self.config = config or {}
         self.no_weight_decay_on_norm_and_bias = no_weight_decay_on_norm_and_bias
+        self._ground_truth_from_data = False  # the metric scores a val dataset's ground truth
 
     def forward(self, images: torch.Tensor, targets: Targets | None = None):
         return self.model(images, targets)
@@ -80,6 +83,22 @@ class DetectionModule(L.LightningModule):
         if self.metric is not None:
             detections, targets = to_original_pixels(out.detections, targets)
             self.metric.update(detections, targets)
+
+    def on_validation_start(self) -> None:
+        # Score against the val dataset's own ground truth (its annotation file as written,
+        # when it came from one) so val/mAP is the number the official tools give. Each DDP
+        # process reads it from its own copy of the dataset; rebuilt per validation run,
+        # which costs little next to the pass over the images.
+        if not hasattr(self.metric, "set_ground_truth"):
+            return
+        dataset = getattr(self.trainer.val_dataloaders, "dataset", None)
+        if hasattr(dataset, "coco_ground_truth"):
+            ids = getattr(dataset, "label_to_category_id", None)
+            self.metric.set_ground_truth(dataset.coco_ground_truth(), category_ids=ids)
+            self._ground_truth_from_data = True
+        elif self._ground_truth_from_data:  # set for an earlier val set: not this one's
+            self.metric.set_ground_truth(None)
+            self._ground_truth_from_data = False
 
     def on_validation_epoch_end(self) -> None:
         if self.metric is None:

@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.engine.checkpoint import load_detector
+from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, run_detector
 from detkit.engine.module import DetectionModule
 from detkit.errors import UserError
+from detkit.files import write_json
 
 log = logging.getLogger("detkit")
 
@@ -97,8 +100,11 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     if cfg.get("ckpt") is None:
         raise UserError("say what to evaluate: ckpt=<checkpoint>, or gt=<json> predictions=<json>")
-    data = cfg.get("data")
-    data = OmegaConf.to_container(data, resolve=False) if data is not None else None
+    data, paths = cfg.get("data"), None
+    if data is not None:
+        # The given dataset replaces the checkpoint's; its ${paths.*} are this run's.
+        data = OmegaConf.to_container(data, resolve=False)
+        paths = OmegaConf.to_container(cfg.paths, resolve=True)
     return evaluate_checkpoint(
         cfg.ckpt,
         output_dir,
@@ -107,6 +113,8 @@ def evaluate(cfg: DictConfig) -> dict:
         protocol=cfg.protocol,
         batch_size=cfg.batch_size,
         score_threshold=cfg.score_threshold,
+        backend=cfg.backend,
+        paths=paths,
     )
 
 
@@ -118,32 +126,43 @@ def evaluate_checkpoint(
     protocol: str = "coco",
     batch_size: int = 8,
     score_threshold: float = 0.25,
+    backend: str = "detkit",
+    paths: dict | None = None,
 ) -> dict:
     """Run a checkpoint over a dataset split, write COCO results JSON, then evaluate them.
 
     ``data`` replaces the dataset the model was trained on (a ``data`` config group node);
-    its interpolations resolve against the checkpoint's config (transforms, paths, model).
+    its interpolations resolve against the checkpoint's config (transforms, model) and
+    ``paths`` (the current run's). The dataset's classes must be the model's (the same names
+    in another order are mapped by name). The ground truth scored against is the dataset's
+    ``coco_ground_truth()``: a COCO annotation file as written (areas, crowd, ignore flags),
+    restricted to the images evaluated, so ``ground_truth.json`` and ``results.json`` give
+    the same numbers in pycocotools. ``backend`` computes the COCO stats.
     """
+    from detkit.eval.command import check_options
     from detkit.eval.command import run as evaluate_files
 
+    check_options(protocol, backend)  # before the model runs over the whole split
     model, config = load_detector(ckpt)
+    names = model_class_names(config)
     if data is not None:
-        config = OmegaConf.merge(config, {"data": data})
+        config = replace_data(config, data, paths)
     dataset = split_dataset(config, split)
+    mapping = label_map(int(model.num_classes), names, dataset, ckpt)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    detections = run_detector(model, dataset, batch_size=batch_size)
+    detections = relabel(run_detector(model, dataset, batch_size=batch_size), mapping)
     results = coco_results(detections, dataset)
-    results_path = output_dir / "results.json"
-    results_path.write_text(json.dumps(results))
-    gt_path = output_dir / "ground_truth.json"
-    gt_path.write_text(json.dumps(dataset.to_coco()))
+    results_path = write_json(output_dir / "results.json", results)
+    # A dataset class of the user's own may only have to_coco().
+    truth = getattr(dataset, "coco_ground_truth", dataset.to_coco)()
+    gt_path = write_json(output_dir / "ground_truth.json", truth)
     log.info("wrote %d detections to %s", len(results), results_path)
     return evaluate_files(
         gt=str(gt_path),
         predictions=str(results_path),
         protocol=protocol,
         output_dir=output_dir,
+        backend=backend,
         score_threshold=score_threshold,
     )
 
@@ -158,7 +177,17 @@ def split_dataset(config: DictConfig, split: str):
     # Evaluation always sees the deterministic eval pipeline, whatever the split trains with.
     if "transforms" in dataset_cfg:
         dataset_cfg["transforms"] = OmegaConf.to_container(config.transforms.eval, resolve=True)
-    return instantiate(dataset_cfg)
+    try:
+        return instantiate(dataset_cfg)
+    except InstantiationException as err:
+        # Hydra wraps the dataset's own one-line error (a missing file, an unknown class);
+        # the user is shown that line, not Hydra's wrapper and traceback.
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
 
 
 def predict(cfg: DictConfig) -> list[dict]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from detkit.errors import UserError
+from detkit.eval.backends import BACKENDS
 from detkit.eval.coco import RECALL_THRESHOLDS, coco_from_arrays
 from detkit.eval.curves import at_threshold, best_f1, class_curves, confusion_matrix
 from detkit.eval.io import load_ground_truth, load_predictions
@@ -12,6 +14,23 @@ from detkit.eval.report import print_table, write_report
 from detkit.eval.voc import voc_from_arrays
 
 PROTOCOLS = ("coco", "voc07", "voc12")
+
+
+def check_options(protocol: str, backend: str) -> None:
+    """Refuse a protocol/backend pair that would not be honoured, in one line.
+
+    The reference backends (pycocotools, faster-coco-eval) implement the COCO protocol only:
+    neither has VOC's 11-point or all-point AP at IoU 0.5, so VOC protocols are detkit's.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if backend not in BACKENDS:
+        raise UserError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if protocol != "coco" and backend != "detkit":
+        raise UserError(
+            f"backend={backend} computes the COCO protocol only (it has no VOC AP); "
+            f"protocol={protocol} is computed by detkit: drop backend= or use protocol=coco"
+        )
 
 
 def run(
@@ -27,12 +46,13 @@ def run(
     """Evaluate, print a table, write ``metrics.json`` and the plots to ``output_dir``.
 
     ``protocol``: ``coco`` (12 COCO stats), ``voc07`` (11-point AP at IoU 0.5) or ``voc12``
-    (area AP at IoU 0.5). Every protocol also reports per-class best-F1 thresholds and
-    precision/recall/F1 at ``score_threshold`` (from the COCO matching at IoU 0.5) and a
-    confusion matrix at that score threshold. Returns the dict written to metrics.json.
+    (area AP at IoU 0.5). ``backend`` (``detkit``, ``pycocotools`` or ``faster_coco_eval``)
+    computes the COCO stats; VOC protocols are detkit's only. Every protocol also reports
+    per-class best-F1 thresholds and precision/recall/F1 at ``score_threshold`` (from the
+    COCO matching at IoU 0.5) and a confusion matrix at that score threshold. Returns the
+    dict written to metrics.json.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_options(protocol, backend)
     truth = load_ground_truth(gt)
     pred = load_predictions(predictions, truth)
     coco = coco_from_arrays(truth, pred, keep_match=True)

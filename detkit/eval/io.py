@@ -142,6 +142,26 @@ def load_ground_truth(gt: str | os.PathLike | dict) -> GroundTruth:
     )
 
 
+def restrict_ground_truth(truth: GroundTruth, image_ids: np.ndarray) -> GroundTruth:
+    """``truth`` on the images ``image_ids`` only (all categories kept), as pycocotools sees a
+    file whose image list holds just those images. Unknown image ids raise ValueError."""
+    known = np.unique(np.asarray(image_ids, dtype=np.int64))
+    index = _index(known, truth.image_ids, "ground truth", "image ids")
+    keep = np.isin(truth.image, index)
+    return GroundTruth(
+        image_ids=known,
+        category_ids=truth.category_ids,
+        category_names=truth.category_names,
+        image=np.searchsorted(index, truth.image[keep]).astype(np.int64),
+        category=truth.category[keep],
+        boxes=truth.boxes[keep],
+        area=truth.area[keep],
+        crowd=truth.crowd[keep],
+        difficult=truth.difficult[keep],
+        ids=truth.ids[keep],
+    )
+
+
 def load_predictions(predictions: str | os.PathLike | list, gt: GroundTruth) -> Predictions:
     """Read COCO results (file or list of dicts) and check them against the ground truth."""
     where = _name(predictions, "predictions")

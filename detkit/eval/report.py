@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from detkit.files import write_json
 
 
 def _fmt(value: Any) -> str:
@@ -79,10 +80,8 @@ def write_report(
     from detkit.eval import plots
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "metrics.json"
     serialisable = {k: v for k, v in metrics.items() if k not in ("match", "precision")}
-    path.write_text(json.dumps(_plain(serialisable), indent=2))
+    path = write_json(out / "metrics.json", _plain(serialisable), indent=2)
     written = [path]
     if curves is not None:
         count = len(curves)

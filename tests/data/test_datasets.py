@@ -90,6 +90,31 @@ def test_coco_missing_and_corrupt_images(coco_dir, tmp_path):
     assert target["image_id"] == 102  # substituted by the next good image
 
 
+@pytest.mark.filterwarnings("ignore:.*skipped 1 missing", "ignore:.*no 'area'")
+def test_coco_ground_truth_is_the_file_as_written_on_the_images_kept(coco_dir, tmp_path):
+    image_dir, _, data = coco_dir
+    data["info"] = {"description": "kept"}
+    anns = data["annotations"]
+    anns[0].update(bbox=[-10.25, -5.5, 50.5, 40.125], area=321.5, iscrowd=1)  # clipped in to_coco
+    anns[1].update(bbox=[10.1, 10.2, 0.3, 0.4], ignore=1)  # sub-pixel, flagged
+    del anns[4]["area"]  # pycocotools needs one: w*h is filled in, with a warning
+    ann = tmp_path / "as_written.json"
+    ann.write_text(json.dumps(data))
+    (image_dir / "img3.png").unlink()
+    with pytest.warns(UserWarning, match="clipped 1 box"):
+        ds = COCODetection(image_dir, ann, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="as_written.json: 1 annotation.*no 'area'"):
+        truth = ds.coco_ground_truth()
+    kept = [a for a in json.loads(ann.read_text())["annotations"] if a["image_id"] != 103]
+    kept[4]["area"] = kept[4]["bbox"][2] * kept[4]["bbox"][3]
+    assert truth["annotations"] == kept
+    assert truth["images"] == data["images"][:3]  # img3 could not be read: not evaluated
+    assert truth["categories"] == data["categories"] and truth["info"] == data["info"]
+    truth["annotations"][0]["area"] = 0  # a copy: the dataset's own data stay as read
+    assert ds.coco_ground_truth()["annotations"][0]["area"] == 321.5
+    assert ds.to_coco()["annotations"][0]["bbox"] == [0.0, 0.0, 40.25, 34.625]
+
+
 def test_coco_malformed_json_names_file(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{"images": [')

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from detkit.data import collate
+from detkit.data import COCODetection, collate
 from detkit.engine.module import DetectionModule
 from detkit.eval import DetectionMetric, evaluate_coco
-from detkit.testing import FakeDetector, SquaresDataset
+from detkit.testing import FakeDetector, SquaresDataset, write_squares_coco
 
 
 def _val_set():
@@ -76,3 +76,41 @@ def test_two_process_ddp_counts_each_validation_image_once(tmp_path):
     )
     assert 0 < reference["AP"] < 1
     assert trainer.callback_metrics["val/mAP"].item() == pytest.approx(reference["AP"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_scores_a_coco_file_as_pycocotools_does(tmp_path):
+    # Five images over two processes: the sampler repeats one. Each process reads the file's
+    # ground truth from its own dataset; the gathered detections count each image once.
+    ann_file, data = write_squares_coco(tmp_path)
+    val = COCODetection(tmp_path / "images", ann_file)
+    module = DetectionModule(
+        FakeDetector(num_classes=3),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        metric=DetectionMetric(num_classes=3),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    train_loader = DataLoader(SquaresDataset(n=4), batch_size=2, collate_fn=collate)
+    trainer.fit(module, train_loader, DataLoader(val, batch_size=2, collate_fn=collate))
+
+    reference = evaluate_coco(data, _coco_results(module.model, val), backend="pycocotools")
+    assert 0 < reference["AP"] < 1
+    logged = trainer.callback_metrics
+    for name, key in (
+        ("val/mAP", "AP"),
+        ("val/APs", "APs"),
+        ("val/APm", "APm"),
+        ("val/APl", "APl"),
+    ):
+        assert logged[name].item() == pytest.approx(reference[key], abs=1e-6), name

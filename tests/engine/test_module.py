@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from detkit.data import collate
+from detkit.data import COCODetection, collate
 from detkit.engine.checkpoint import load_detector, read_checkpoint
 from detkit.engine.module import DetectionModule, training_targets
 from detkit.engine.schedules import warmup_cosine
 from detkit.eval import DetectionMetric, evaluate_coco
-from detkit.testing import FakeDetector, SquaresDataset
+from detkit.testing import FakeDetector, SquaresDataset, write_squares_coco
 
 CONFIG = {"model": {"_target_": "detkit.testing.FakeDetector", "num_classes": 2, "image_size": 64}}
 
@@ -150,3 +150,49 @@ def test_crowd_regions_are_left_out_of_the_loss_targets_only():
     assert cleaned["difficult"].tolist() == [False, True]
     assert cleaned["image_id"] == 3
     assert len(target["boxes"]) == 3  # the metric's copy is untouched
+
+
+def test_validation_on_a_coco_file_logs_pycocotools_numbers_on_that_file(tmp_path):
+    ann_file, data = write_squares_coco(tmp_path)
+    dataset = COCODetection(tmp_path / "images", ann_file)
+    module = DetectionModule(
+        FakeDetector(num_classes=3),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        metric=DetectionMetric(num_classes=3),
+    )
+    loader = DataLoader(dataset, batch_size=3, collate_fn=collate)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.validate(module, loader)
+
+    module.model.eval()
+    results = []
+    for images, targets in loader:
+        for det, target in zip(module.model(images).detections, targets, strict=True):
+            for box, score, label in zip(det["boxes"].double().tolist(), det["scores"].tolist(),
+                                         det["labels"].tolist(), strict=True):  # fmt: skip
+                x1, y1, x2, y2 = box
+                results.append(
+                    {
+                        "image_id": target["image_id"],
+                        "category_id": dataset.label_to_category_id[label],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "score": score,
+                    }
+                )
+    official = evaluate_coco(data, results, backend="pycocotools")
+    logged = trainer.callback_metrics
+    for name in ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
+        key = "AP" if name == "mAP" else name
+        assert logged[f"val/{name}"].item() == pytest.approx(official[key], abs=1e-6), name
+    assert 0 < official["AP"] < 1
+    # The file's areas decide the size stats: with w*h areas they would differ.
+    boxed = {
+        **data,
+        "annotations": [{**a, "area": a["bbox"][2] * a["bbox"][3]} for a in data["annotations"]],
+    }
+    by_box = evaluate_coco(boxed, results, backend="pycocotools")
+    assert any(
+        abs(official[k] - by_box[k]) > 1e-3 for k in ("APs", "APm", "APl", "ARs", "ARm", "ARl")
+    )

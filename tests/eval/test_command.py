@@ -3,6 +3,7 @@ import json
 import pytest
 from rich.console import Console
 
+from detkit.errors import UserError
 from detkit.eval import evaluate_coco, evaluate_voc
 from detkit.eval.command import run
 from detkit.eval.report import print_table
@@ -49,3 +50,26 @@ def test_print_table_for_metric_dict():
     text = console.export_text()
     assert "map_50" in text and "0.5000" in text and "0.2500" in text
     assert "a " in text and "b " in text
+
+
+@pytest.mark.parametrize("protocol", ["voc07", "voc12"])
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_run_refuses_a_reference_backend_for_voc_protocols(tmp_path, coco_case, protocol, backend):
+    # Neither tool has VOC AP: taking backend= and answering with detkit's VOC would ignore it.
+    gt, dets = coco_case(1)
+    with pytest.raises(UserError, match=f"backend={backend} computes the COCO protocol only"):
+        run(gt, dets, protocol=protocol, backend=backend, output_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_with_pycocotools_backend_reports_its_numbers(tmp_path, coco_case, reference_eval):
+    gt, dets = coco_case(3)
+    result = run(gt, dets, backend="pycocotools", output_dir=tmp_path, quiet=True)
+    assert result["backend"] == "pycocotools"
+    assert result["stats"] == [float(s) for s in reference_eval(gt, dets).stats]
+    with pytest.raises(UserError, match="backend must be one of"):
+        run(gt, dets, backend="cocoapi", output_dir=tmp_path)
+    # Every file is complete under its name: no temporary left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "confusion_matrix.png", "f1_curves.png", "metrics.json", "pr_curves.png",
+    ]  # fmt: skip

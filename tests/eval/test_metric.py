@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,9 @@ from torchmetrics.utilities import dim_zero_cat
 
 from detkit.eval import evaluate_voc
 from detkit.eval.metric import DetectionMetric
+
+_STAT_KEYS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1",
+              "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]  # fmt: skip
 
 
 def _batch(seed: int, images: range, classes: int = 3):
@@ -148,3 +153,83 @@ def test_bad_updates():
         metric.compute()
     with pytest.raises(ValueError, match="num_classes"):
         DetectionMetric(num_classes=2, class_names=["a"])
+
+
+def _as_detector_output(gt: dict, dets: list, image_ids) -> tuple[list, list, list]:
+    """COCO results as a detector gives them (float32 xyxy corners, labels 0..C-1 in sorted
+    category id order), the bare targets, and the results pycocotools sees for them (w, h
+    taken in float64 from the float32 corners, as detkit writes them)."""
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    detections, targets, results = [], [], []
+    for image_id in image_ids:
+        rows = [d for d in dets if d["image_id"] == image_id]
+        xywh = np.array([r["bbox"] for r in rows], np.float64).reshape(-1, 4)
+        xyxy = np.c_[xywh[:, :2], xywh[:, :2] + xywh[:, 2:]].astype(np.float32)
+        scores = np.array([r["score"] for r in rows], np.float32)
+        labels = [cat_ids.index(r["category_id"]) for r in rows]
+        detections.append(
+            {
+                "boxes": torch.from_numpy(xyxy),
+                "scores": torch.from_numpy(scores),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+            }
+        )
+        targets.append({"image_id": image_id, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
+        corners = xyxy.astype(np.float64)
+        for box, score, row in zip(corners, scores, rows, strict=True):
+            bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": row["category_id"],
+                    "bbox": [float(v) for v in bbox],
+                    "score": float(score),
+                }
+            )
+    return detections, targets, results
+
+
+@pytest.mark.filterwarnings("ignore:ground truth has an annotation with id 0")
+def test_ground_truth_file_gives_pycocotools_numbers_on_that_file(coco_case, reference_eval):
+    # Areas that are not w*h (some beyond every range), crowds, empty images, an id 0.
+    gt, dets = coco_case(4)
+    seen = list(range(1, 21))  # images 21..25 of the file are not validated
+    detections, targets, results = _as_detector_output(gt, dets, seen)
+    metric = DetectionMetric(num_classes=4, ground_truth=gt)
+    for i in range(0, 20, 6):
+        metric.update(detections[i : i + 6], targets[i : i + 6])
+    metric.update(detections[2:3], targets[2:3])  # a DistributedSampler repeat
+    out = metric.compute()
+    on_seen = {**gt, "images": [i for i in gt["images"] if i["id"] in seen]}
+    official = reference_eval(on_seen, results).stats
+    stats = [out[key] for key in _STAT_KEYS]
+    np.testing.assert_allclose(stats, official, rtol=0, atol=1e-12)
+    assert 0 < out["map"] < 1
+    # The file's areas are what counts: with w*h areas the size stats move.
+    boxed = copy.deepcopy(on_seen)
+    for ann in boxed["annotations"]:
+        ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+    by_box = reference_eval(boxed, results).stats
+    assert max(abs(stats[i] - by_box[i]) for i in (3, 4, 5, 9, 10, 11)) > 1e-3
+    # Labels numbered in another order than the sorted ids, told by category_ids.
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    reordered = DetectionMetric(num_classes=4)
+    reordered.set_ground_truth(gt, category_ids=cat_ids[::-1])
+    flipped = [{**d, "labels": 3 - d["labels"]} for d in detections]
+    reordered.update(flipped, targets)
+    assert [reordered.compute()[key] for key in _STAT_KEYS] == stats
+
+
+def test_ground_truth_file_errors():
+    gt = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], "annotations": []}
+    with pytest.raises(ValueError, match="give 2 labels but the metric has num_classes=1"):
+        DetectionMetric(num_classes=1).set_ground_truth(gt, category_ids=[1, 2])
+    with pytest.raises(ValueError, match=r"\[1, 2\] are not distinct ids of the ground truth's"):
+        DetectionMetric(num_classes=2).set_ground_truth(gt, category_ids=[1, 2])
+    with pytest.raises(ValueError, match="give 1 labels but the metric has num_classes=3"):
+        DetectionMetric(num_classes=3, ground_truth=gt)
+    metric = DetectionMetric(num_classes=1, ground_truth=gt)
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}
+    metric.update([empty], [{"image_id": 7, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
+    with pytest.raises(ValueError, match=r"not in the metric's ground truth, e.g. image_id \[7\]"):
+        metric.compute()

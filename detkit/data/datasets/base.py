@@ -263,6 +263,15 @@ class DetectionDataset(Dataset):
         ]
         return {"images": images, "annotations": annotations, "categories": categories}
 
+    def coco_ground_truth(self) -> dict[str, Any]:
+        """The ground truth evaluation scores against, as a COCO dict in the file's pixels.
+
+        Datasets read from a COCO annotation file return that file as written (its ``area``,
+        ``iscrowd``, ``ignore`` and unsanitised boxes), so scores are the official ones;
+        the others return :meth:`to_coco`.
+        """
+        return self.to_coco()
+
     @property
     def num_classes(self) -> int:
         """Number of object classes ``C``."""

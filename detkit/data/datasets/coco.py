@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,3 +129,29 @@ class COCODetection(DetectionDataset):
         return self._make_record(
             img["id"], path, img["file_name"], size, boxes, labels, crowd, difficult
         )
+
+    def coco_ground_truth(self) -> dict[str, Any]:
+        """The annotation file as written, restricted to this dataset's images.
+
+        Boxes, ``area``, ``iscrowd`` and ``ignore`` are the file's own (:meth:`to_coco` would
+        give clipped float32 boxes with ``area = w * h``), so evaluation gives the numbers
+        the official tools give on this file. Images skipped as unreadable are left out. An
+        annotation without ``area`` (pycocotools needs one) gets its box's ``w * h``.
+        """
+        kept = {record.image_id for record in self.records}
+        data = self.coco.dataset
+        truth = {k: copy.deepcopy(v) for k, v in data.items() if k not in ("images", "annotations")}
+        truth["images"] = [copy.deepcopy(i) for i in data["images"] if i["id"] in kept]
+        anns = [copy.deepcopy(a) for a in data.get("annotations", []) if a["image_id"] in kept]
+        no_area = [a for a in anns if "area" not in a]
+        for ann in no_area:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        if no_area:
+            warnings.warn(
+                f"{self.ann_file}: {len(no_area)} annotation(s) have no 'area'; "
+                "evaluating them with their box's w*h",
+                stacklevel=2,
+            )
+        truth["annotations"] = anns
+        truth.setdefault("categories", [])
+        return truth
