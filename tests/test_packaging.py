@@ -57,11 +57,15 @@ def installed(tmp_path_factory):
 
 
 def _run(python: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DETKIT_CONFIG_PATH")}
     return subprocess.run(
         [str(python.parent / "detkit"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def _clean_env() -> dict[str, str]:
+    """No checkout on the path, no user config folders: the installed package alone."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DETKIT_CONFIG_PATH")}
 
 
 def test_wheel_ships_the_configs(installed):
@@ -76,7 +80,7 @@ def test_installed_detkit_is_not_the_checkout(installed):
     _, python, purelib, tmp = installed
     out = subprocess.run(
         [str(python), "-c", "import detkit; print(detkit.__file__)"],
-        cwd=tmp, capture_output=True, text=True, check=True,
+        cwd=tmp, env=_clean_env(), capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert Path(out.strip()).is_relative_to(purelib)
 
