@@ -50,8 +50,8 @@ def installed(tmp_path_factory):
     Path(purelib, "deps.pth").write_text(deps + "\n" + "\n".join(site.getsitepackages()) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         str(wheel), "-q"],
-        check=True,
+         "--ignore-installed", str(wheel), "-q"],
+        check=True, env=_clean_env(),
     )  # fmt: skip
     return wheel, python, Path(purelib), tmp
 
