@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.engine.checkpoint import load_detector
+# Configs are data: every instantiate here admits only allow-listed targets (detkit.allowlist).
+from detkit.config import safe_instantiate as instantiate
+from detkit.engine.checkpoint import check_resume_checkpoint, load_detector
 from detkit.engine.inference import coco_results, run_detector
 from detkit.engine.module import DetectionModule
 from detkit.errors import UserError
@@ -25,6 +26,7 @@ log = logging.getLogger("detkit")
 def train(cfg: DictConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split."""
     started = time.perf_counter()
+    check_resume_checkpoint(cfg.get("ckpt_path"))
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data.datamodule)
@@ -38,7 +40,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     summary = {
         "output_dir": str(output_dir),
         "train_seconds": round(time.perf_counter() - started, 1),
