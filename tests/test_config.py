@@ -92,3 +92,31 @@ def test_config_from_file_refuses_targets_and_non_mappings():
         config_from_file({"model": {"backbone": {"_target_": "os.system"}}}, "sidecar m.json")
     with pytest.raises(UserError, match="its config is a str, not a mapping"):
         config_from_file("model: {_target_: os.system}", "checkpoint c.ckpt")
+
+
+def test_train_refuses_a_users_yaml_naming_builtins_before_building_anything(
+    tmp_path, capsys, monkeypatch
+):
+    from detkit import cli
+
+    marker = tmp_path / "marker"
+    experiments = tmp_path / "my_configs" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "evil.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /data: digits\n  - override /model: ssd_digits\n"
+        f"logger:\n  evil:\n    _target_: builtins.open\n    file: {marker}\n    mode: w\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--config-dir", str(tmp_path / "my_configs"), "experiment=evil"]
+    digits = tmp_path / "digits"
+    args += [f"data.root={digits}", "data.n_train=16", "data.n_val=6", "hydra.run.dir=run"]
+    capsys.readouterr()
+    assert cli.main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "detkit: error: the train config: refused _target_ 'builtins.open' at logger.evil: it is "
+        "not on detkit's allow-list (to allow your own code, set "
+        "DETKIT_ALLOWED_TARGETS=name,package.*)"
+    ]
+    assert not marker.exists()
+    assert not digits.exists()  # refused before the dataset was built

@@ -13,8 +13,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-# Configs are data: every instantiate here admits only allow-listed targets (detkit.allowlist).
-from detkit.config import safe_instantiate as instantiate
+from detkit.allowlist import checked
+from detkit.config import safe_instantiate as instantiate  # configs are data: allow-listed only
 from detkit.engine.checkpoint import check_resume_checkpoint, load_detector
 from detkit.engine.inference import coco_results, run_detector
 from detkit.engine.module import DetectionModule
@@ -26,7 +26,7 @@ log = logging.getLogger("detkit")
 def train(cfg: DictConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split."""
     started = time.perf_counter()
-    check_resume_checkpoint(cfg.get("ckpt_path"))
+    check_train_inputs(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data.datamodule)
@@ -58,6 +58,13 @@ def train(cfg: DictConfig) -> dict:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("run summary: %s", json.dumps(summary, indent=2))
     return summary
+
+
+def check_train_inputs(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, targets outside the allow-list anywhere in the config
+    (each build checks its own part again) and a ``ckpt_path`` holding pickled objects."""
+    checked(OmegaConf.to_container(cfg, resolve=True), "the train config")
+    check_resume_checkpoint(cfg.get("ckpt_path"))
 
 
 def best_checkpoint(trainer: L.Trainer) -> Path | None:
