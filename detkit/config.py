@@ -12,6 +12,13 @@ without touching the package, in folders that mirror the packaged layout (``expe
 
 They are searched after the packaged configs (Hydra's rule), so they add new names: to
 change a packaged config, copy it under a new name, or override its keys.
+
+Configs are data. Whatever detkit builds from a config goes through :func:`safe_instantiate`,
+which admits only the ``_target_`` names of :mod:`detkit.allowlist` (detkit's building parts,
+a few named Lightning/torch callables, and what ``DETKIT_ALLOWED_TARGETS`` adds). A config
+read back from a file detkit wrote (a checkpoint, an ONNX sidecar) is opened with
+:func:`config_from_file`: it was stored resolved, so interpolations in it are refused rather
+than resolved.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.allowlist import checked, refuse_interpolations
+from detkit.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # A folder of this name in the working directory is added to the config search path.
@@ -52,3 +62,51 @@ def compose_config(config_name: str = "train", overrides: list[str] | tuple = ()
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name, overrides=[*search_path_overrides(), *overrides])
+
+
+LEFT_AFTER_RESOLVING = "it is left after resolving, and building would resolve it once more"
+
+
+def safe_instantiate(node, source: str | None = None, **kwargs):
+    """Hydra's ``instantiate(node, **kwargs)`` for a config that only names allowed targets.
+
+    ``node`` is resolved first (as Hydra would), then every ``_target_`` in it is checked
+    and replaced by the callable it names, so what was checked is what runs. A refusal is a
+    :class:`~detkit.errors.UserError` naming ``source`` (default: the config key of ``node``)
+    and the target. ``kwargs`` come from the calling code and are passed as they are.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if not OmegaConf.is_config(node):
+        node = OmegaConf.create(node, flags={"allow_objects": True})
+    where = node._get_full_key(None) if node._get_parent() is not None else ""
+    source = source or "the config"
+    resolved = OmegaConf.to_container(node, resolve=True)
+    # Hydra resolves once more what it is given: a "${" left after resolving (an escaped one,
+    # or one a resolver returned) would be evaluated on that second pass.
+    refuse_interpolations(resolved, source, where, why=LEFT_AFTER_RESOLVING)
+    try:
+        return instantiate(checked(resolved, source, where), **kwargs)
+    except InstantiationException as err:
+        # Hydra wraps a part's own one-line error (a missing file, an unknown class name) in
+        # its own message and traceback; the user is shown the part's line.
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
+
+
+def config_from_file(config, source: str) -> DictConfig:
+    """The stored config of a checkpoint or sidecar as a DictConfig, after refusing
+    interpolations and targets outside the allow-list (``source`` names the file)."""
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: its config is a {type(config).__name__}, not a mapping")
+    refuse_interpolations(config, source)
+    checked(config, source)
+    try:
+        return OmegaConf.create(config)
+    except Exception as err:  # OmegaConf's errors for keys or values a config cannot hold
+        raise UserError(f"{source}: its config cannot be read: {err}".splitlines()[0]) from err

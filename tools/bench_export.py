@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 
-from detkit.config import compose_config
+from detkit.config import compose_config, safe_instantiate
 from detkit.export import export_onnx
 from detkit.export.verify import sample_images
 
@@ -33,7 +32,7 @@ TARGETS = {"ssd_digits": 1.5, "yolo_digits": 1.5, "faster_rcnn_digits": None}
 def build(name: str):
     torch.manual_seed(0)
     cfg = compose_config("train", [f"model={name}"])
-    return instantiate(cfg.model).eval()
+    return safe_instantiate(cfg.model).eval()
 
 
 def session(path: Path):

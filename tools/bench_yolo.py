@@ -16,12 +16,10 @@ import torch
 
 
 def build(model_name: str, num_classes: int):
-    from hydra.utils import instantiate
-
-    from detkit.config import compose_config
+    from detkit.config import compose_config, safe_instantiate
 
     cfg = compose_config("train", [f"model={model_name}", f"data.num_classes={num_classes}"])
-    return instantiate(cfg.model)
+    return safe_instantiate(cfg.model)
 
 
 def random_batch(batch: int, size: int, generator: torch.Generator):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from detkit.config import safe_instantiate
 from detkit.data.datasets.base import DetectionDataset
 from detkit.data.datasets.digits import build_digits
 from detkit.data.inspect import browse_grid, dataset_stats, print_stats
@@ -25,7 +25,7 @@ def build_split(cfg: DictConfig, raw: bool = False) -> DetectionDataset:
     node = OmegaConf.to_container(node, resolve=True)
     if raw and "transforms" in node:
         node["transforms"] = None
-    return instantiate(node)
+    return safe_instantiate(node)
 
 
 def run(cfg: DictConfig) -> None:

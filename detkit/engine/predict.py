@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from detkit.config import safe_instantiate
 from detkit.data import boxes_to_original, collate
 from detkit.data.datasets.base import load_rgb
 from detkit.engine.checkpoint import load_detector
@@ -55,7 +55,7 @@ def predict_images(
         model, config = load_onnx_detector(ckpt)
     else:
         model, config = load_detector(ckpt)
-    transforms = instantiate(config.transforms.eval)
+    transforms = safe_instantiate(config.transforms.eval, source=str(ckpt))
     class_names = list(config.data.get("class_names") or range(config.data.num_classes))
     files = find_images(source)[:max_images]
     output_dir.mkdir(parents=True, exist_ok=True)

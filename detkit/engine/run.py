@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import lightning as L
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.engine.checkpoint import load_detector
+from detkit.allowlist import checked
+from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
+from detkit.engine.checkpoint import check_resume_checkpoint, load_detector
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, run_detector
 from detkit.engine.module import DetectionModule
@@ -28,20 +28,21 @@ log = logging.getLogger("detkit")
 def train(cfg: DictConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split."""
     started = time.perf_counter()
+    check_train_inputs(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data.datamodule)
+    datamodule = safe_instantiate(cfg.data.datamodule)
     module = DetectionModule(
-        model=instantiate(cfg.model),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        model=safe_instantiate(cfg.model),
+        optimizer=safe_instantiate(cfg.optimizer),
+        scheduler=safe_instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         metric=build_metric(cfg.data),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    callbacks = [safe_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [safe_instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = safe_instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     summary = {
         "output_dir": str(output_dir),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -59,6 +60,13 @@ def train(cfg: DictConfig) -> dict:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("run summary: %s", json.dumps(summary, indent=2))
     return summary
+
+
+def check_train_inputs(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, targets outside the allow-list anywhere in the config
+    (each build checks its own part again) and a ``ckpt_path`` holding pickled objects."""
+    checked(OmegaConf.to_container(cfg, resolve=True), "the train config")
+    check_resume_checkpoint(cfg.get("ckpt_path"))
 
 
 def best_checkpoint(trainer: L.Trainer) -> Path | None:
@@ -177,17 +185,7 @@ def split_dataset(config: DictConfig, split: str):
     # Evaluation always sees the deterministic eval pipeline, whatever the split trains with.
     if "transforms" in dataset_cfg:
         dataset_cfg["transforms"] = OmegaConf.to_container(config.transforms.eval, resolve=True)
-    try:
-        return instantiate(dataset_cfg)
-    except InstantiationException as err:
-        # Hydra wraps the dataset's own one-line error (a missing file, an unknown class);
-        # the user is shown that line, not Hydra's wrapper and traceback.
-        cause = err.__cause__
-        while isinstance(cause, InstantiationException):
-            cause = cause.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            raise cause from None
-        raise
+    return safe_instantiate(dataset_cfg)
 
 
 def predict(cfg: DictConfig) -> list[dict]:

@@ -19,12 +19,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from detkit.config import config_from_file
 from detkit.errors import UserError
 from detkit.structures import DetectorOutput, unpad_detections
 
 
 def read_sidecar(onnx_path: str | Path) -> dict:
-    """The ``.json`` written next to ``model.onnx`` by ``detkit export``."""
+    """The ``.json`` written next to ``model.onnx`` by ``detkit export``.
+
+    It is data: its ``transforms`` may only name allowed targets (:mod:`detkit.allowlist`) and
+    nothing in it may be an interpolation, as for a checkpoint's config.
+    """
     sidecar = Path(onnx_path).with_suffix(".json")
     if not sidecar.is_file():
         raise FileNotFoundError(
@@ -35,8 +40,9 @@ def read_sidecar(onnx_path: str | Path) -> dict:
         info = json.loads(sidecar.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"sidecar {sidecar} is not valid JSON: {err}") from err
-    if not str(info.get("format", "")).startswith("detkit-onnx/"):
+    if not isinstance(info, dict) or not str(info.get("format", "")).startswith("detkit-onnx/"):
         raise UserError(f"sidecar {sidecar} was not written by detkit export (no format tag)")
+    config_from_file(info, f"sidecar {sidecar}")
     return info
 
 

@@ -95,7 +95,9 @@ def test_training_lowers_the_loss_and_logs_map_equal_to_pycocotools(tmp_path):
     assert logged["val/AP50"].item() == pytest.approx(reference["AP50"], abs=1e-6)
 
 
-def test_checkpoint_rebuilds_the_detector_from_itself_alone(tmp_path):
+def test_checkpoint_rebuilds_the_detector_from_itself_alone(tmp_path, monkeypatch):
+    # The fake detector is no building part: allowed as users allow their own code.
+    monkeypatch.setenv("DETKIT_ALLOWED_TARGETS", "detkit.testing.FakeDetector")
     train, val = _loaders()
     module = _module()
     trainer = _trainer(tmp_path, max_epochs=2)
