@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detkit.config import safe_instantiate
 from detkit.data.datasets.base import DetectionDataset
@@ -52,10 +52,25 @@ def run(cfg: DictConfig) -> None:
         from detkit.matching import fit_anchors_from_dataset  # lazy: only this action needs it
 
         dataset = build_split(cfg, raw=True)
-        anchors = fit_anchors_from_dataset(dataset, int(cfg.k), int(cfg.model.image_size))
+        size = model_input_size(cfg)
+        anchors = fit_anchors_from_dataset(dataset, int(cfg.k), size)
+        print(f"{int(cfg.k)} anchors [w, h] in pixels at the model's input size {size}:")
         print(np.asarray(anchors).round(1).tolist())
     else:
         raise ValueError(f"unknown data action {action!r}; choose one of {list(ACTIONS)}")
+
+
+def model_input_size(cfg: DictConfig) -> int | tuple[int, int]:
+    """``cfg.model.image_size`` as :func:`fit_anchors_from_dataset` takes it: the side of a
+    square input, or ``(h, w)``."""
+    size = cfg.model.get("image_size") if cfg.get("model") is not None else None
+    if isinstance(size, ListConfig):
+        size = OmegaConf.to_container(size, resolve=True)
+    if type(size) is int and size > 0:
+        return size
+    if isinstance(size, list) and len(size) == 2 and all(type(s) is int and s > 0 for s in size):
+        return (size[0], size[1])
+    raise ValueError(f"model.image_size must be a positive int or [h, w], got {size!r}")
 
 
 def _browse_file(cfg: DictConfig) -> Path:

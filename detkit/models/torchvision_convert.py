@@ -3,10 +3,16 @@
 Our VGG16 backbone mirrors torchvision's module names (only the L2Norm scale is renamed); the
 head fuses torchvision's separate classification/regression convs into one conv per level,
 with the channels of each default box grouped as ``[C + 1 logits, 4 offsets]``.
+
+torchvision's COCO detectors index their classifier rows by COCO category id (91 rows: 0 is
+background, the ten ids COCO never uses are "N/A"); :func:`coco_classifier_rows` says which of
+those rows give our ``[background, 0..C-1]`` logits.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,15 +63,40 @@ def ssd_from_torchvision(cls: type[SSD], model: nn.Module) -> SSD:
         image_mean=model.transform.image_mean,
         image_std=model.transform.image_std,
     )
-    ours.load_state_dict(convert_state_dict(model.state_dict(), ours.state_dict()))
+    rows = range(model.head.classification_head.num_columns)  # the same classes, in order
+    ours.load_state_dict(convert_state_dict(model.state_dict(), ours.state_dict(), rows))
     return ours
 
 
+def coco_classifier_rows(
+    their_logits: int, num_classes: int, categories: Sequence[str]
+) -> list[int] | None:
+    """The rows of a torchvision COCO classifier that give our logits ``[background, 0..C-1]``.
+
+    ``categories`` are the weights' ``meta["categories"]``: one name per row, row = COCO
+    category id, ``"__background__"`` at 0 and ``"N/A"`` for the ids COCO does not use.
+
+    - ``C + 1`` rows: the same classes in the same order (a model converted as it is);
+    - ``C`` = the named categories (COCO's 80): label ``l`` is the ``l``-th category id in
+      increasing order, as detkit's COCO loader numbers them, so its row is that id;
+    - otherwise ``None``: no row belongs to our classes.
+    """
+    if their_logits == num_classes + 1:
+        return list(range(their_logits))
+    ids = [i for i, name in enumerate(categories) if i > 0 and name != "N/A"]
+    if len(categories) == their_logits and len(ids) == num_classes:
+        return [0, *ids]
+    return None
+
+
 def convert_state_dict(
-    theirs: dict[str, Tensor], ours: dict[str, Tensor], copy_classifier: bool = True
+    theirs: dict[str, Tensor],
+    ours: dict[str, Tensor],
+    classifier_rows: Sequence[int] | None,
 ) -> dict[str, Tensor]:
-    """torchvision SSD300 state dict -> ours (``ours`` gives shapes and the values kept when
-    ``copy_classifier`` is False, e.g. for a different number of classes)."""
+    """torchvision SSD300 state dict -> ours. ``classifier_rows``: which of their class logits
+    become ours, in our order (:func:`coco_classifier_rows`); ``None`` keeps our classifier
+    (``ours`` gives the shapes and the values kept)."""
     out = {k: v.clone() for k, v in ours.items()}
     for key, value in theirs.items():
         if key.startswith("backbone."):
@@ -79,24 +110,28 @@ def convert_state_dict(
             cls_w = theirs[f"head.classification_head.module_list.{level}.{kind}"]
             reg_w = theirs[f"head.regression_head.module_list.{level}.{kind}"]
             target = out[f"head.predictors.{level}.{kind}"]
-            out[f"head.predictors.{level}.{kind}"] = _fuse(cls_w, reg_w, target, copy_classifier)
+            out[f"head.predictors.{level}.{kind}"] = _fuse(cls_w, reg_w, target, classifier_rows)
         level += 1
     return out
 
 
-def _fuse(cls_w: Tensor, reg_w: Tensor, target: Tensor, copy_classifier: bool) -> Tensor:
+def _fuse(
+    cls_w: Tensor, reg_w: Tensor, target: Tensor, classifier_rows: Sequence[int] | None
+) -> Tensor:
     anchors = reg_w.shape[0] // 4
     rest = target.shape[1:]
     fused = target.clone().view(anchors, -1, *rest)
     num_logits = fused.shape[1] - 4
     fused[:, num_logits:] = reg_w.view(anchors, 4, *rest)
-    if copy_classifier:
-        if cls_w.shape[0] != anchors * num_logits:
+    if classifier_rows is not None:
+        rows = list(classifier_rows)
+        their_logits = cls_w.shape[0] // anchors
+        if len(rows) != num_logits or not all(0 <= r < their_logits for r in rows):
             raise ValueError(
-                f"torchvision head has {cls_w.shape[0] // anchors} classes per box, ours "
-                f"{num_logits} (num_classes + background)"
+                f"torchvision head has {their_logits} classes per box, ours {num_logits} "
+                f"(num_classes + background): classifier rows {rows[:5]}... do not fit"
             )
-        fused[:, :num_logits] = cls_w.view(anchors, num_logits, *rest)
+        fused[:, :num_logits] = cls_w.view(anchors, their_logits, *rest)[:, rows]
     return fused.view_as(target)
 
 
@@ -104,18 +139,33 @@ def _fuse(cls_w: Tensor, reg_w: Tensor, target: Tensor, copy_classifier: bool) -
 def load_torchvision_ssd_weights(model: SSD, pretrained: str) -> None:
     """``pretrained="torchvision"``: download torchvision's COCO ssd300_vgg16 and copy it in.
 
-    The classifier is copied only when ``num_classes`` is COCO's 90 (torchvision's 91 minus
-    background); otherwise the backbone and the box regressors are, and the images are
-    normalised the way those weights expect.
+    The backbone and the box regressors are always copied, and the images are normalised the
+    way those weights expect. The classifier is copied for COCO's 80 classes (``num_classes``
+    80, labels in category-id order as detkit's COCO loader gives them: each label takes the
+    row of its category id, so the detections are torchvision's with our labels) and for
+    torchvision's own 90 (category id - 1); other class counts train their own. With 80,
+    the softmax runs over 81 of the 91 rows: the share torchvision gives the ten unused ids
+    (never a training target) is left out of the scores.
     """
     if pretrained != "torchvision":
         raise ValueError(f"pretrained={pretrained!r}: only None or 'torchvision' is supported")
     if not isinstance(model.backbone, VGG16Backbone):
         raise ValueError("pretrained='torchvision' needs the vgg16 backbone (model/backbone=vgg16)")
-    from torchvision.models.detection import ssd300_vgg16
+    from torchvision.models.detection import SSD300_VGG16_Weights, ssd300_vgg16
 
     theirs = ssd300_vgg16(weights="DEFAULT")
-    same_classes = theirs.head.classification_head.num_columns == model.num_classes + 1
-    state = convert_state_dict(theirs.state_dict(), model.state_dict(), same_classes)
+    rows = coco_classifier_rows(
+        theirs.head.classification_head.num_columns,
+        model.num_classes,
+        SSD300_VGG16_Weights.DEFAULT.meta["categories"],
+    )
+    if rows is None:
+        warnings.warn(
+            f"pretrained='torchvision': num_classes={model.num_classes} is neither COCO's 80 "
+            "nor torchvision's 90, so the classifier starts from scratch (backbone and box "
+            "regressors are copied)",
+            stacklevel=3,
+        )
+    state = convert_state_dict(theirs.state_dict(), model.state_dict(), rows)
     model.load_state_dict(state)
     model.normalize.set_(theirs.transform.image_mean, theirs.transform.image_std)

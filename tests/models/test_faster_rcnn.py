@@ -134,10 +134,11 @@ def test_bad_inputs_raise_clear_errors() -> None:
 )
 def test_model_configs_instantiate(model_name: str) -> None:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONFIGS / "model" / f"{model_name}.yaml")
-    cfg = OmegaConf.merge({"data": {"num_classes": 10}, "model": cfg})
+    from detkit.config import compose_config
+
+    # Through Hydra: a model config's defaults list also picks its transforms.
+    cfg = compose_config("train", [f"model={model_name}", "data.num_classes=10"])
     model = instantiate(cfg.model)
     assert isinstance(model, FasterRCNN) and model.num_classes == 10
     assert model.roi_heads.box_predictor.cls_score.out_features == 11

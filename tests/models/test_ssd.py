@@ -159,7 +159,8 @@ def test_pretrained_torchvision_copies_backbone_and_box_regressors(monkeypatch):
 
     coco = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4)
     monkeypatch.setattr(tv_detection, "ssd300_vgg16", lambda weights: coco)  # no download
-    model = SSD(VGG16Backbone(), num_classes=2, pretrained="torchvision")
+    with pytest.warns(UserWarning, match="classifier starts from scratch"):
+        model = SSD(VGG16Backbone(), num_classes=2, pretrained="torchvision")
     torch.testing.assert_close(model.backbone.extra[1][2].weight, coco.backbone.extra[1][2].weight)
     fused = model.head.predictors[0].weight.view(4, 7, 512, 3, 3)  # 4 boxes x (3 logits + 4)
     reg = coco.head.regression_head.module_list[0].weight.view(4, 4, 512, 3, 3)
