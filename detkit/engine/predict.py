@@ -15,7 +15,7 @@ from torchvision.utils import draw_bounding_boxes
 from detkit.config import safe_instantiate
 from detkit.data import boxes_to_original, collate
 from detkit.data.datasets.base import load_rgb
-from detkit.engine.checkpoint import load_detector
+from detkit.engine.inference import load_inference_model
 from detkit.errors import UserError
 
 log = logging.getLogger("detkit")
@@ -49,12 +49,7 @@ def predict_images(
     max_images: int | None = None,
 ) -> list[dict]:
     """Run a checkpoint on images; write ``<name>.png`` with boxes drawn and ``detections.json``."""
-    if str(ckpt).endswith(".onnx"):  # an exported model: ONNX Runtime + its JSON sidecar
-        from detkit.export.onnx_runtime import load_onnx_detector
-
-        model, config = load_onnx_detector(ckpt)
-    else:
-        model, config = load_detector(ckpt)
+    model, config = load_inference_model(ckpt)  # a checkpoint, or model.onnx + its sidecar
     transforms = safe_instantiate(config.transforms.eval, source=str(ckpt))
     class_names = list(config.data.get("class_names") or range(config.data.num_classes))
     files = find_images(source)[:max_images]

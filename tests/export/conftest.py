@@ -21,9 +21,9 @@ def compose_train_config(model: str, overrides: tuple[str, ...] = ()):
     return compose_config("train", [f"model={model}", *overrides])
 
 
-def build_model(model: str):
+def build_model(model: str, overrides: tuple[str, ...] = ()):
     torch.manual_seed(0)
-    cfg = compose_train_config(model)
+    cfg = compose_train_config(model, overrides)
     return instantiate(cfg.model).eval(), cfg
 
 
@@ -92,6 +92,12 @@ def make_batches(model) -> dict[str, torch.Tensor]:
 def tiny_checkpoint(path: Path, model_name: str) -> Path:
     """A Lightning-style checkpoint ``{"state_dict": {"model." + k: v}, "detkit_config"}``."""
     model, cfg = build_model(model_name)
+    return save_checkpoint(path, model, cfg)
+
+
+def save_checkpoint(path: Path, model, cfg) -> Path:
+    """``model`` and its composed ``cfg`` (resolved, paths in ``path``'s folder) as
+    :func:`tiny_checkpoint` writes them."""
     config = OmegaConf.to_container(cfg, resolve=False)
     config["paths"] = {"cache_dir": str(path.parent), "output_dir": str(path.parent)}
     config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
