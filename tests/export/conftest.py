@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from detkit.config import compose_config
 from detkit.export.verify import sample_images
+from detkit.testing import calibrate_random_weights
 
 SIZE = (256, 256)
 
@@ -35,32 +36,9 @@ def set_score_threshold(model, value: float) -> None:
 
 
 def calibrate(model) -> None:
-    """Make random weights behave like trained ones: BatchNorm statistics measured on sample
-    images (with the initial ones, deep activations vanish and every location predicts the
-    same, exactly tied, scores) and YOLO predictors without their 1% prior bias."""
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-            layer.reset_running_stats()
-            layer.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for seed in range(3):
-            features = model.backbone(model.normalize(sample_images(4, SIZE, seed=50 + seed)))
-            if hasattr(model, "neck"):
-                model.neck(features)
-    model.eval()
-    if type(model).__name__ == "YOLO":
-        gen = torch.Generator().manual_seed(1)
-        for conv in model.head.predictors:
-            # Box offsets small (a trained model's boxes stay near their anchors), class and
-            # objectness logits of spread ~1.
-            columns = torch.full((model.head.num_columns, 1, 1, 1), 0.3)
-            columns[:4] = 0.01
-            weight = torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5
-            conv.weight.data.copy_(
-                weight * columns.repeat(conv.weight.shape[0] // len(columns), 1, 1, 1)
-            )
-            conv.bias.data.zero_()
+    """:func:`detkit.testing.calibrate_random_weights` on sample images of the test size."""
+    batches = [sample_images(4, SIZE, seed=50 + seed) for seed in range(3)]
+    calibrate_random_weights(model, batches)
 
 
 def make_batches(model) -> dict[str, torch.Tensor]:
