@@ -5,6 +5,7 @@ Each function takes the composed Hydra config; the CLI wraps them as Hydra apps.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -187,11 +188,13 @@ def split_dataset(config: DictConfig, split: str):
     if split not in datamodule_cfg or datamodule_cfg[split] is None:
         known = [k for k in ("train", "val", "test") if datamodule_cfg.get(k) is not None]
         raise UserError(f"the data config has no {split!r} split; it has {known}")
-    dataset_cfg = OmegaConf.to_container(datamodule_cfg[split], resolve=True)
-    # Evaluation always sees the deterministic eval pipeline, whatever the split trains with.
-    if "transforms" in dataset_cfg:
-        dataset_cfg["transforms"] = OmegaConf.to_container(config.transforms.eval, resolve=True)
-    return safe_instantiate(dataset_cfg)
+    config = copy.deepcopy(config)  # the caller's config stays as it was
+    node = config.data.datamodule[split]
+    if "transforms" in node:
+        # Evaluation always sees the deterministic eval pipeline, whatever the split trains
+        # with; set before resolving: an exported model's config has no training transforms.
+        node.transforms = config.transforms.eval
+    return safe_instantiate(OmegaConf.to_container(node, resolve=True))
 
 
 def predict(cfg: DictConfig) -> list[dict]:

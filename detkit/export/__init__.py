@@ -2,7 +2,8 @@
 
 - :func:`export_onnx` (``model -> model.onnx + model.json``, checked in ONNX Runtime),
 - :func:`export_checkpoint` (what ``detkit export`` runs),
-- :class:`OnnxDetector` / :func:`load_onnx_detector` (what ``detkit predict model.onnx`` runs),
+- :class:`OnnxDetector` / :func:`load_onnx_detector` (what ``detkit predict|eval ckpt=model.onnx``
+  run),
 - :func:`export_wrapper` (the traceable ``images -> tensors`` module of a detector).
 """
 
