@@ -109,7 +109,8 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     if cfg.get("ckpt") is None:
         raise UserError(
-            "say what to evaluate: ckpt=<checkpoint or model.onnx>, or gt=<json> predictions=<json>"
+            "say what to evaluate: ckpt=<checkpoint> (a .ckpt or an exported model.onnx), "
+            "or gt=<json> predictions=<json>"
         )
     data, paths = cfg.get("data"), None
     if data is not None:
