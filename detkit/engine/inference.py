@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from detkit.engine.module import to_original_pixels
+from detkit.structures import xyxy_to_xywh
 
 
 @torch.inference_mode()
@@ -41,8 +42,7 @@ def coco_results(pairs: list[tuple[dict, dict]], dataset) -> list[dict]:
     results = []
     for target, det in pairs:
         image_id = int(target["image_id"])
-        boxes = det["boxes"].float().double()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        xywh = xyxy_to_xywh(det["boxes"].float().double()).tolist()
         for box, score, label in zip(
             xywh, det["scores"].tolist(), det["labels"].tolist(), strict=True
         ):

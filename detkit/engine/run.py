@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detkit.allowlist import checked
 from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
+from detkit.data.splits import build_split
 from detkit.engine.checkpoint import check_resume_checkpoint, load_detector
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, run_detector
@@ -155,7 +156,7 @@ def evaluate_checkpoint(
     names = model_class_names(config)
     if data is not None:
         config = replace_data(config, data, paths)
-    dataset = split_dataset(config, split)
+    dataset = build_split(config, split)
     mapping = label_map(int(model.num_classes), names, dataset, ckpt)
     output_dir = Path(output_dir)
     detections = relabel(run_detector(model, dataset, batch_size=batch_size), mapping)
@@ -173,19 +174,6 @@ def evaluate_checkpoint(
         backend=backend,
         score_threshold=score_threshold,
     )
-
-
-def split_dataset(config: DictConfig, split: str):
-    """The dataset of ``split`` (train/val/test) from a run's data config, eval transforms on."""
-    datamodule_cfg = config.data.datamodule
-    if split not in datamodule_cfg or datamodule_cfg[split] is None:
-        known = [k for k in ("train", "val", "test") if datamodule_cfg.get(k) is not None]
-        raise UserError(f"the data config has no {split!r} split; it has {known}")
-    dataset_cfg = OmegaConf.to_container(datamodule_cfg[split], resolve=True)
-    # Evaluation always sees the deterministic eval pipeline, whatever the split trains with.
-    if "transforms" in dataset_cfg:
-        dataset_cfg["transforms"] = OmegaConf.to_container(config.transforms.eval, resolve=True)
-    return safe_instantiate(dataset_cfg)
 
 
 def predict(cfg: DictConfig) -> list[dict]:
@@ -206,7 +194,7 @@ def predict(cfg: DictConfig) -> list[dict]:
 
 def export(cfg: DictConfig) -> dict:
     """``detkit export``: ``model.onnx`` + ``model.json`` in the run dir, checked in onnxruntime."""
-    from detkit.export import export_checkpoint
+    from detkit.engine.export import export_checkpoint
 
     result = export_checkpoint(
         cfg.get("ckpt"),

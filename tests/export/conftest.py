@@ -28,10 +28,8 @@ def build_model(model: str):
 
 
 def set_score_threshold(model, value: float) -> None:
-    if hasattr(model, "roi_heads"):
-        model.roi_heads.score_thresh = value
-    else:
-        model.score_threshold = value
+    """The final selection's score threshold (the RoI heads' for Faster R-CNN)."""
+    getattr(model, "roi_heads", model).score_threshold = value
 
 
 def calibrate(model) -> None:
@@ -49,7 +47,7 @@ def calibrate(model) -> None:
             if hasattr(model, "neck"):
                 model.neck(features)
     model.eval()
-    if type(model).__name__ == "YOLO":
+    if model.family == "yolo":
         gen = torch.Generator().manual_seed(1)
         for conv in model.head.predictors:
             # Box offsets small (a trained model's boxes stay near their anchors), class and
