@@ -2,8 +2,10 @@
 
 Boxes
     ``xyxy`` in absolute pixels, float32. Other formats exist only at the edges: COCO ``xywh``
-    in JSON files and YOLO normalised ``cxcywh`` in YOLO label files, converted with
-    :func:`detkit.ops.box_convert`.
+    in JSON files (converted with :func:`xyxy_to_xywh` / :func:`xywh_to_xyxy` below, for numpy
+    arrays and tensors alike) and YOLO normalised ``cxcywh`` in YOLO label files (the YOLO
+    loader's :func:`detkit.data.boxes.cxcywh_norm_to_xyxy`). :func:`detkit.ops.box_convert`
+    converts tensors between any two formats, as ``torchvision.ops.box_convert`` does.
 Labels
     Object classes are ``0..C-1`` and ``num_classes = C`` counts object classes only. A head
     that needs a background class adds it internally (e.g. SSD's softmax over ``C + 1``) and
@@ -38,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,6 +110,33 @@ def empty_detections(device: torch.device | None = None) -> dict[str, Tensor]:
         "scores": torch.zeros(0, device=device),
         "labels": torch.zeros(0, dtype=torch.int64, device=device),
     }
+
+
+def target_sizes(targets: Targets | None) -> Tensor | None:
+    """Each target's ``size`` (h, w) as ``[B, 2]`` int64, when every target has one: the
+    valid part of each image in a padded batch, which detections are clipped to."""
+    if not targets or any(t.get("size") is None for t in targets):
+        return None
+    return torch.stack([torch.as_tensor(t["size"]).reshape(2) for t in targets]).to(torch.int64)
+
+
+def xyxy_to_xywh(boxes):
+    """``[..., 4]`` corners to COCO ``[x, y, w, h]``, for a numpy array or a tensor; the
+    dtype stays (convert first: w, h in float64 from float32 corners are exact)."""
+    out = _copy(boxes)
+    out[..., 2:] -= out[..., :2]
+    return out
+
+
+def xywh_to_xyxy(boxes):
+    """COCO ``[..., 4]`` ``[x, y, w, h]`` to corners, for a numpy array or a tensor."""
+    out = _copy(boxes)
+    out[..., 2:] += out[..., :2]
+    return out
+
+
+def _copy(boxes):
+    return boxes.clone() if isinstance(boxes, Tensor) else np.array(boxes, copy=True)
 
 
 def unpad_detections(

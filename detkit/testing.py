@@ -240,7 +240,7 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
             if hasattr(model, "neck"):
                 model.neck(features)
     model.eval()
-    if type(model).__name__ == "YOLO":
+    if model.family == "yolo":
         gen = torch.Generator().manual_seed(1)
         for conv in model.head.predictors:
             # Box offsets small (a trained model's boxes stay near their anchors), class and

@@ -54,7 +54,7 @@ def ssd_targets_detkit(priors, targets, conf_loss, matcher, coder, sampler):
     positive = result.labels == 1
     img, prior = positive.nonzero(as_tuple=True)
     gt_idx = result.matched_gt[img, prior]
-    regression = coder.encode(gt.boxes[img, gt_idx], priors[prior])
+    regression = coder.encode(priors[prior], gt.boxes[img, gt_idx])
     classes = torch.where(positive, gt.labels.gather(1, result.matched_gt) + 1, 0)
     negative = sampler(conf_loss, positive)
     return regression, classes, negative

@@ -21,6 +21,7 @@ from torchvision.models.detection.ssd import SSD as TorchvisionSSD
 from torchvision.ops import box_iou
 
 from detkit.models import SSD
+from detkit.models.heads.ssd import SSDOutput
 from detkit.structures import pad_targets
 
 NUM_CLASSES = 20  # + background = torchvision's 21 (VOC)
@@ -105,7 +106,7 @@ def torchvision_loss(targets, head, priors, matcher, fake_self):
 @torch.no_grad()
 def bench_loss(ours: SSD, iters: int, gen) -> tuple[float, float, dict, dict]:
     batch = 32
-    priors = ours.priors((300, 300), [torch.zeros(1, 1, s, s) for s in (38, 19, 10, 5, 3, 1)])
+    priors = ours.reference((300, 300), [torch.zeros(1, 1, s, s) for s in (38, 19, 10, 5, 3, 1)])
     cls_logits = torch.randn(batch, len(priors), NUM_CLASSES + 1, generator=gen)
     box_deltas = torch.randn(batch, len(priors), 4, generator=gen)
     targets = random_targets(batch, 300, gen)
@@ -116,7 +117,8 @@ def bench_loss(ours: SSD, iters: int, gen) -> tuple[float, float, dict, dict]:
     matcher = det_utils.SSDMatcher(0.5)
 
     def run_ours():
-        return ours.loss(cls_logits, box_deltas, priors, pad_targets(targets))
+        outputs = SSDOutput(cls_logits, box_deltas)
+        return ours.loss(outputs, priors, ours.box_coder, pad_targets(targets))
 
     def run_theirs():
         return torchvision_loss(tv_targets, head, priors, matcher, fake_self)
@@ -146,7 +148,8 @@ def main() -> None:
     if "loss" in parts:
         a, b, v_ours, v_theirs = bench_loss(ours, args.loss_iters, gen)
         rows.append(("loss ms (b=32, 8732 priors)", 1e3 * a, 1e3 * b, b / a, 3.0))
-        values = {k: (v_ours[k].item(), v_theirs[k].item()) for k in v_ours}
+        theirs_key = {"box_regression": "bbox_regression", "classification": "classification"}
+        values = {k: (v_ours[k].item(), v_theirs[theirs_key[k]].item()) for k in v_ours}
     print(f"{'name':32s} {'ours':>10s} {'torchvision':>12s} {'ratio':>7s} {'target':>7s}")
     for name, a, b, ratio, target in rows:
         flag = "" if ratio >= target else "  (below target)"

@@ -10,17 +10,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    """COCO ``[x, y, w, h]`` to ``[x1, y1, x2, y2]``."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+from detkit import structures
 
 
-def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
-    """``[x1, y1, x2, y2]`` to COCO ``[x, y, w, h]``."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+def xywh_to_xyxy(boxes) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` (any array-like) to float32 ``[N, 4]`` corners."""
+    return structures.xywh_to_xyxy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+
+
+def xyxy_to_xywh(boxes) -> np.ndarray:
+    """Corners (any array-like) to float32 COCO ``[N, 4]`` ``[x, y, w, h]``."""
+    return structures.xyxy_to_xywh(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
 
 
 def cxcywh_norm_to_xyxy(boxes: np.ndarray, width: float, height: float) -> np.ndarray:

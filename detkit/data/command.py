@@ -7,25 +7,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from detkit.config import safe_instantiate
-from detkit.data.datasets.base import DetectionDataset
 from detkit.data.datasets.digits import build_digits
 from detkit.data.inspect import browse_grid, dataset_stats, print_stats
+from detkit.data.splits import build_split
 
 ACTIONS = ("digits", "browse", "stats", "anchors")
-
-
-def build_split(cfg: DictConfig, raw: bool = False) -> DetectionDataset:
-    """Instantiate ``cfg.data.datamodule.<cfg.split>`` (without transforms when ``raw``)."""
-    split = cfg.get("split", "train")
-    node = cfg.data.datamodule.get(split)
-    if node is None:
-        known = [k for k in ("train", "val", "test") if cfg.data.datamodule.get(k) is not None]
-        raise ValueError(f"the data config has no {split!r} split; it has {known}")
-    node = OmegaConf.to_container(node, resolve=True)
-    if raw and "transforms" in node:
-        node["transforms"] = None
-    return safe_instantiate(node)
 
 
 def run(cfg: DictConfig) -> None:
@@ -40,18 +26,19 @@ def run(cfg: DictConfig) -> None:
                 f"  {split}: images {paths[f'{split}_images']}  COCO json {paths[f'{split}_ann']}"
             )
     elif action == "browse":
-        dataset = build_split(cfg, raw=bool(cfg.get("raw", False)))
+        raw = bool(cfg.get("raw", False))
+        dataset = build_split(cfg, cfg.get("split", "train"), None if raw else "split")
         out = _browse_file(cfg)
         browse_grid(dataset, n=int(cfg.n), columns=int(cfg.get("columns", 4)), path=out,
                     seed=int(cfg.get("seed", 0)))  # fmt: skip
         print(f"wrote {out}")
     elif action == "stats":
-        dataset = build_split(cfg, raw=True)
+        dataset = build_split(cfg, cfg.get("split", "train"), None)
         print_stats(dataset_stats(dataset), dataset.class_names)
     elif action == "anchors":
         from detkit.matching import fit_anchors_from_dataset  # lazy: only this action needs it
 
-        dataset = build_split(cfg, raw=True)
+        dataset = build_split(cfg, cfg.get("split", "train"), None)
         size = model_input_size(cfg)
         anchors = fit_anchors_from_dataset(dataset, int(cfg.k), size)
         print(f"{int(cfg.k)} anchors [w, h] in pixels at the model's input size {size}:")

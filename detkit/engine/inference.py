@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detkit.engine.checkpoint import load_detector
 from detkit.engine.module import to_original_pixels
+from detkit.structures import xyxy_to_xywh
 
 
 def load_inference_model(path: str | Path) -> tuple[object, DictConfig]:
@@ -73,8 +74,7 @@ def coco_results(pairs: list[tuple[dict, dict]], dataset) -> list[dict]:
     results = []
     for target, det in pairs:
         image_id = int(target["image_id"])
-        boxes = det["boxes"].float().double()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        xywh = xyxy_to_xywh(det["boxes"].float().double()).tolist()
         for box, score, label in zip(
             xywh, det["scores"].tolist(), det["labels"].tolist(), strict=True
         ):

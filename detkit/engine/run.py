@@ -5,7 +5,6 @@ Each function takes the composed Hydra config; the CLI wraps them as Hydra apps.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detkit.allowlist import checked
 from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
+from detkit.data.splits import build_split
 from detkit.engine.checkpoint import check_resume_checkpoint
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, load_inference_model, run_detector
@@ -163,7 +163,7 @@ def evaluate_checkpoint(
         config = replace_data(config, data, paths)
     elif config.data.get("datamodule") is None:  # an ONNX model exported without its data
         raise UserError(f"{ckpt} records no dataset to evaluate on: pass data=<dataset>")
-    dataset = split_dataset(config, split)
+    dataset = build_split(config, split)
     mapping = label_map(int(model.num_classes), names, dataset, ckpt)
     output_dir = Path(output_dir)
     detections = relabel(run_detector(model, dataset, batch_size=batch_size), mapping)
@@ -181,21 +181,6 @@ def evaluate_checkpoint(
         backend=backend,
         score_threshold=score_threshold,
     )
-
-
-def split_dataset(config: DictConfig, split: str):
-    """The dataset of ``split`` (train/val/test) from a run's data config, eval transforms on."""
-    datamodule_cfg = config.data.datamodule
-    if split not in datamodule_cfg or datamodule_cfg[split] is None:
-        known = [k for k in ("train", "val", "test") if datamodule_cfg.get(k) is not None]
-        raise UserError(f"the data config has no {split!r} split; it has {known}")
-    config = copy.deepcopy(config)  # the caller's config stays as it was
-    node = config.data.datamodule[split]
-    if "transforms" in node:
-        # Evaluation always sees the deterministic eval pipeline, whatever the split trains
-        # with; set before resolving: an exported model's config has no training transforms.
-        node.transforms = config.transforms.eval
-    return safe_instantiate(OmegaConf.to_container(node, resolve=True))
 
 
 def predict(cfg: DictConfig) -> list[dict]:
@@ -216,7 +201,7 @@ def predict(cfg: DictConfig) -> list[dict]:
 
 def export(cfg: DictConfig) -> dict:
     """``detkit export``: ``model.onnx`` + ``model.json`` in the run dir, checked in onnxruntime."""
-    from detkit.export import export_checkpoint
+    from detkit.engine.export import export_checkpoint
 
     result = export_checkpoint(
         cfg.get("ckpt"),

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from detkit.eval.io import load_ground_truth, load_predictions
+from detkit.eval.stats import stats_dict
 
 BACKENDS = ("detkit", "pycocotools", "faster_coco_eval")
 
@@ -31,8 +32,6 @@ def _tool(backend: str):
 
 def run_backend(backend: str, gt, predictions) -> dict:
     """Evaluate with a reference tool; inputs are checked by detkit's loaders first."""
-    from detkit.eval.coco import stats_dict
-
     coco_cls, eval_cls = _tool(backend)
     truth = load_ground_truth(gt)
     load_predictions(predictions, truth)  # same clear errors whatever the backend

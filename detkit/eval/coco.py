@@ -15,26 +15,13 @@ import numpy as np
 from detkit.eval.ap import coco_precision
 from detkit.eval.io import GroundTruth, Predictions, load_ground_truth, load_predictions
 from detkit.eval.matching import coco_pair_iou, greedy_match, group_pairs
+from detkit.eval.stats import stats_dict
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 AREA_RANGES = np.array([[0, 1e5**2], [0, 32**2], [32**2, 96**2], [96**2, 1e5**2]], np.float64)
 AREA_NAMES = ("all", "small", "medium", "large")
 MAX_DETS = (1, 10, 100)
-STAT_NAMES = (
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-    "AR1",
-    "AR10",
-    "AR100",
-    "ARs",
-    "ARm",
-    "ARl",
-)
 
 
 @dataclass
@@ -199,18 +186,4 @@ def coco_from_arrays(truth: GroundTruth, pred: Predictions, keep_match: bool = F
     result = stats_dict(summarize(precision, recall), per_class, truth)
     if keep_match:
         result.update(match=match, precision=precision)
-    return result
-
-
-def class_keys(truth: GroundTruth) -> list:
-    """Category names when they are unique, else the category ids."""
-    names = truth.category_names
-    return names if len(set(names)) == len(names) else truth.category_ids.tolist()
-
-
-def stats_dict(stats: list[float], per_class: list[float], truth: GroundTruth) -> dict:
-    """The public result layout shared by every backend."""
-    result: dict = {"stats": [float(s) for s in stats]}
-    result.update({name: float(s) for name, s in zip(STAT_NAMES, stats, strict=True)})
-    result["per_class"] = {k: float(v) for k, v in zip(class_keys(truth), per_class, strict=True)}
     return result

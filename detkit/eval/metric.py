@@ -14,6 +14,7 @@ from torchmetrics.utilities import dim_zero_cat
 from detkit.eval.coco import coco_from_arrays
 from detkit.eval.io import GroundTruth, Predictions, load_ground_truth, restrict_ground_truth
 from detkit.eval.voc import voc_from_arrays
+from detkit.structures import xyxy_to_xywh
 
 _COCO_KEYS = {
     "map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm",
@@ -162,7 +163,7 @@ class DetectionMetric(Metric):
         pred = Predictions(
             image=np.searchsorted(known, det_img),
             category=det_labels[det_keep],
-            boxes=_xywh(state["det_boxes"].reshape(-1, 4)[det_keep]),
+            boxes=xyxy_to_xywh(state["det_boxes"].reshape(-1, 4)[det_keep].astype(np.float64)),
             scores=state["det_scores"].astype(np.float64)[det_keep],
         )
         if not np.isfinite(pred.boxes).all() or not np.isfinite(pred.scores).all():
@@ -184,7 +185,7 @@ class DetectionMetric(Metric):
     ) -> GroundTruth:
         """Ground truth from the targets' boxes (areas are the boxes' w*h)."""
         gt_img = np.repeat(state["image_ids"], state["gt_counts"].astype(np.int64))[gt_keep]
-        gt_xywh = _xywh(state["gt_boxes"].reshape(-1, 4)[gt_keep])
+        gt_xywh = xyxy_to_xywh(state["gt_boxes"].reshape(-1, 4)[gt_keep].astype(np.float64))
         return GroundTruth(
             image_ids=image_ids,
             category_ids=np.arange(num_classes),
@@ -212,8 +213,3 @@ class DetectionMetric(Metric):
         self.per_class = coco["per_class"]
         self.last_result = {**coco, "voc12": voc12, "voc07": voc07}
         return result
-
-
-def _xywh(xyxy: np.ndarray) -> np.ndarray:
-    boxes = xyxy.astype(np.float64)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)

@@ -7,9 +7,9 @@ import os
 import numpy as np
 
 from detkit.eval.ap import voc_ap
-from detkit.eval.coco import class_keys
 from detkit.eval.io import GroundTruth, Predictions, load_ground_truth, load_predictions
 from detkit.eval.matching import group_pairs, voc_pair_iou
+from detkit.eval.stats import class_keys
 
 
 def _xyxy(xywh: np.ndarray) -> np.ndarray:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from detkit.errors import UserError
-from detkit.export.verify import Comparison, ExportCheckError, compare_detections, sample_images
+from detkit.eval.compare import Comparison, compare_detections
+from detkit.export.verify import ExportCheckError, sample_images
 from detkit.export.wrappers import ExportWrapper, export_wrapper
 from detkit.files import write_json
 from detkit.structures import unpad_detections

@@ -23,6 +23,8 @@ from detkit.matching.yolo_assign import (
 from detkit.matching.yolo_priors import (
     YOLOGrid,
     YOLOPriors,
+    YOLOv1Cells,
+    YOLOv1Grid,
     fit_anchors,
     fit_anchors_from_dataset,
     wh_iou,
@@ -40,6 +42,8 @@ __all__ = [
     "SSDMatcher",
     "YOLOGrid",
     "YOLOPriors",
+    "YOLOv1Cells",
+    "YOLOv1Grid",
     "YOLOv1Assignment",
     "YOLOv1Coder",
     "YOLOv3Assignment",

@@ -105,19 +105,6 @@ class AnchorGenerator:
             & (anchors[:, 3] <= h + tolerance)
         )
 
-    def remove_cross_boundary(
-        self, anchors: Tensor, image_size: Sequence[int], tolerance: float = 0.0
-    ) -> Tensor:
-        """Keep mask ``[A]`` bool: True for anchors inside the image (see :meth:`inside_image`)."""
-        return self.inside_image(anchors, image_size, tolerance)
-
-    @staticmethod
-    def clip(anchors: Tensor, image_size: Sequence[int]) -> Tensor:
-        """Clip anchors to the (h, w) image, as Faster R-CNN does at test time."""
-        from detkit.ops import clip_boxes
-
-        return clip_boxes(anchors, tuple(image_size))
-
     def __repr__(self) -> str:
         return f"AnchorGenerator(sizes={self.sizes}, aspect_ratios={self.aspect_ratios})"
 

@@ -1,6 +1,14 @@
-"""Box coders: turn boxes into regression targets relative to priors, and back.
+"""Box coders: turn boxes into regression targets relative to a reference, and back.
 
-All coders broadcast over leading dimensions, so ``[B, P, 4]`` targets against ``[P, 4]``
+Every coder has the same two methods, reference first:
+
+- ``encode(reference, boxes) -> targets``: what the network should predict for ``boxes``;
+- ``decode(reference, deltas) -> boxes``: xyxy pixels from what the network predicted.
+
+The reference is what the detector's prior generator made for the image size: prior boxes
+``[P, 4]`` for :class:`DeltaXYWHCoder`, a :class:`~detkit.matching.YOLOGrid` for
+:class:`YOLOv3Coder`, the :class:`~detkit.matching.YOLOv1Cells` for :class:`YOLOv1Coder`.
+All coders broadcast over leading dimensions, so ``[B, P, 4]`` predictions against ``[P, 4]``
 priors work without a loop over images.
 """
 
@@ -47,7 +55,7 @@ class DeltaXYWHCoder:
         self.weights = tuple(float(w) for w in weights)
         self.bbox_xform_clip = bbox_xform_clip
 
-    def encode(self, boxes: Tensor, priors: Tensor) -> Tensor:
+    def encode(self, priors: Tensor, boxes: Tensor) -> Tensor:
         """Targets ``[..., 4]`` that move ``priors [..., 4]`` onto ``boxes [..., 4]`` (xyxy)."""
         _check_last_dim("boxes", boxes, 4)
         _check_last_dim("priors", priors, 4)
@@ -64,8 +72,8 @@ class DeltaXYWHCoder:
             dim=-1,
         )
 
-    def decode(self, deltas: Tensor, priors: Tensor) -> Tensor:
-        """Boxes ``[..., 4]`` xyxy from regression outputs ``deltas [..., 4]`` and priors."""
+    def decode(self, priors: Tensor, deltas: Tensor) -> Tensor:
+        """Boxes ``[..., 4]`` xyxy from ``priors [..., 4]`` and regression outputs ``deltas``."""
         _check_last_dim("deltas", deltas, 4)
         _check_last_dim("priors", priors, 4)
         priors = priors.to(deltas.dtype)
@@ -84,77 +92,73 @@ class DeltaXYWHCoder:
 class YOLOv3Coder:
     """YOLOv3 targets: centre offset inside the cell and log size ratio to the anchor.
 
-    ``encode`` returns ``(ox, oy, log(w/a_w), log(h/a_h))`` where ``ox, oy`` in [0, 1) are the
-    targets of ``sigmoid(t_x), sigmoid(t_y)``; ``decode`` takes the raw network outputs
-    ``(t_x, t_y, t_w, t_h)`` and applies sigmoid/exp: ``cx = (sigmoid(t_x) + col) * stride``,
-    ``w = a_w exp(t_w)``. ``grid_xy [..., 2]`` is the (col, row) of the cell, ``anchor_wh
-    [..., 2]`` the anchor size in pixels and ``stride`` (number or ``[...]`` tensor) the cell
-    size in pixels; all broadcast against ``boxes [..., 4]``.
+    The reference is a :class:`~detkit.matching.YOLOGrid` (or rows of one): ``grid_xy
+    [..., 2]`` the (col, row) of each cell, ``anchor_wh [..., 2]`` the anchor size in pixels,
+    ``stride [...]`` the cell size in pixels. ``encode`` returns ``(ox, oy, log(w/a_w),
+    log(h/a_h))`` where ``ox, oy`` in [0, 1) are the targets of ``sigmoid(t_x), sigmoid(t_y)``;
+    ``decode`` takes the raw network outputs ``(t_x, t_y, t_w, t_h)`` and applies sigmoid/exp:
+    ``cx = (sigmoid(t_x) + col) * stride``, ``w = a_w exp(t_w)``.
     """
 
     def __init__(self, size_clip: float = math.log(1000.0 / 16)) -> None:
         self.size_clip = size_clip
 
-    def encode(self, boxes: Tensor, grid_xy: Tensor, anchor_wh: Tensor, stride) -> Tensor:
+    def encode(self, grid, boxes: Tensor) -> Tensor:
         """Targets ``[..., 4]`` = ``(ox, oy, log w ratio, log h ratio)`` (see class doc)."""
         _check_last_dim("boxes", boxes, 4)
-        stride = torch.as_tensor(stride, dtype=boxes.dtype, device=boxes.device)
+        stride = grid.stride.to(boxes.dtype)
         cx, cy, w, h = _centre_size(boxes)
         return torch.stack(
             (
-                cx / stride - grid_xy[..., 0],
-                cy / stride - grid_xy[..., 1],
-                torch.log(w / anchor_wh[..., 0]),
-                torch.log(h / anchor_wh[..., 1]),
+                cx / stride - grid.grid_xy[..., 0],
+                cy / stride - grid.grid_xy[..., 1],
+                torch.log(w / grid.anchor_wh[..., 0]),
+                torch.log(h / grid.anchor_wh[..., 1]),
             ),
             dim=-1,
         )
 
-    def decode(self, raw: Tensor, grid_xy: Tensor, anchor_wh: Tensor, stride) -> Tensor:
+    def decode(self, grid, raw: Tensor) -> Tensor:
         """Boxes ``[..., 4]`` xyxy pixels from raw outputs ``(t_x, t_y, t_w, t_h)``."""
         _check_last_dim("raw", raw, 4)
-        stride = torch.as_tensor(stride, dtype=raw.dtype, device=raw.device)
-        cx = (torch.sigmoid(raw[..., 0]) + grid_xy[..., 0]) * stride
-        cy = (torch.sigmoid(raw[..., 1]) + grid_xy[..., 1]) * stride
-        w = torch.exp(raw[..., 2].clamp(max=self.size_clip)) * anchor_wh[..., 0]
-        h = torch.exp(raw[..., 3].clamp(max=self.size_clip)) * anchor_wh[..., 1]
+        stride = grid.stride.to(raw.dtype)
+        cx = (torch.sigmoid(raw[..., 0]) + grid.grid_xy[..., 0]) * stride
+        cy = (torch.sigmoid(raw[..., 1]) + grid.grid_xy[..., 1]) * stride
+        w = torch.exp(raw[..., 2].clamp(max=self.size_clip)) * grid.anchor_wh[..., 0]
+        h = torch.exp(raw[..., 3].clamp(max=self.size_clip)) * grid.anchor_wh[..., 1]
         return _corners(cx, cy, w, h)
 
 
 class YOLOv1Coder:
     """YOLOv1 targets: centre relative to its cell, square roots of image-relative size.
 
-    ``encode(boxes, grid_xy, image_size)`` gives ``(cx S / W - col, cy S / H - row,
-    sqrt(w / W), sqrt(h / H))`` for an S x S grid (``grid_size``); ``decode`` inverts it
-    (squaring the size outputs, which need not be positive while training).
+    The reference is the :class:`~detkit.matching.YOLOv1Cells` of an S x S grid over an
+    (h, w) image. ``encode`` gives ``(cx S / w - col, cy S / h - row, sqrt(bw / w),
+    sqrt(bh / h))``; ``decode`` inverts it (squaring the size outputs, which need not be
+    positive while training). ``cells.grid_xy`` broadcasts against the boxes' leading dims.
     """
 
-    def __init__(self, grid_size: int = 7) -> None:
-        if grid_size <= 0:
-            raise ValueError(f"grid_size must be positive, got {grid_size}")
-        self.grid_size = grid_size
-
-    def encode(self, boxes: Tensor, grid_xy: Tensor, image_size: Sequence[int]) -> Tensor:
-        """Targets ``[..., 4]`` for boxes ``[..., 4]`` xyxy pixels in cells ``grid_xy [..., 2]``."""
+    def encode(self, cells, boxes: Tensor) -> Tensor:
+        """Targets ``[..., 4]`` for boxes ``[..., 4]`` xyxy pixels in their cells."""
         _check_last_dim("boxes", boxes, 4)
-        img_h, img_w = image_size
-        s = self.grid_size
+        img_h, img_w = cells.image_size
+        s = cells.grid_size
         cx, cy, w, h = _centre_size(boxes)
         return torch.stack(
             (
-                cx * s / img_w - grid_xy[..., 0],
-                cy * s / img_h - grid_xy[..., 1],
+                cx * s / img_w - cells.grid_xy[..., 0],
+                cy * s / img_h - cells.grid_xy[..., 1],
                 torch.sqrt((w / img_w).clamp(min=0)),
                 torch.sqrt((h / img_h).clamp(min=0)),
             ),
             dim=-1,
         )
 
-    def decode(self, codes: Tensor, grid_xy: Tensor, image_size: Sequence[int]) -> Tensor:
+    def decode(self, cells, codes: Tensor) -> Tensor:
         """Boxes ``[..., 4]`` xyxy pixels from ``(x, y, sqrt w, sqrt h)`` codes."""
         _check_last_dim("codes", codes, 4)
-        img_h, img_w = image_size
-        s = self.grid_size
-        cx = (codes[..., 0] + grid_xy[..., 0]) * img_w / s
-        cy = (codes[..., 1] + grid_xy[..., 1]) * img_h / s
+        img_h, img_w = cells.image_size
+        s = cells.grid_size
+        cx = (codes[..., 0] + cells.grid_xy[..., 0]) * img_w / s
+        cy = (codes[..., 1] + cells.grid_xy[..., 1]) * img_h / s
         return _corners(cx, cy, codes[..., 2].square() * img_w, codes[..., 3].square() * img_h)

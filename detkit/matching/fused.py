@@ -5,7 +5,7 @@ prior its best ground truth (max and first argmax), for each ground truth its be
 for Faster R-CNN's low-quality matches, which priors tie with some ground truth's best IoU.
 :func:`match_stats_chunked` computes them over chunks of priors so the peak memory is one chunk
 (a second pass finds the ties), and the Triton kernel in
-:mod:`detkit.ops.kernels.fused_match` does the same on CUDA without any matrix at all.
+:mod:`detkit.matching.fused_kernel` does the same on CUDA without any matrix at all.
 """
 
 from __future__ import annotations

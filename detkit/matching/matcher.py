@@ -143,7 +143,7 @@ def match_priors(
 
 def _triton_launcher():
     try:
-        from detkit.ops.kernels.fused_match import fused_match_stats
+        from detkit.matching.fused_kernel import fused_match_stats
     except ImportError:
         return None
     return fused_match_stats

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from detkit.matching.fused import match_stats_dense
-from detkit.matching.yolo_priors import YOLOPriors, wh_iou
+from detkit.matching.yolo_priors import YOLOGrid, YOLOPriors, YOLOv1Cells, wh_iou
 from detkit.structures import PaddedTargets
 
 
@@ -100,8 +100,7 @@ def _yolov3_slots(
 
 def assign_yolov3(
     gt: PaddedTargets,
-    priors: YOLOPriors,
-    image_size: Sequence[int],
+    grid: YOLOGrid,
     pred_boxes: Tensor | None = None,
     ignore_threshold: float = 0.5,
 ) -> YOLOv3Assignment:
@@ -109,20 +108,19 @@ def assign_yolov3(
 
     Args:
         gt: padded ground truth, ``boxes [B, M, 4]`` xyxy pixels, ``mask [B, M]``.
-        priors: the scales, strides and anchors; P = sum over scales of ``h_s w_s A_s``.
-        image_size: (h, w) of the batch tensor.
+        grid: the :class:`~detkit.matching.YOLOGrid` of the batch's image size (its priors
+            give the scales, strides and anchors; P = sum over scales of ``h_s w_s A_s``).
         pred_boxes: decoded predictions ``[B, P, 4]`` xyxy pixels for the ignore rule; None
             uses the prior boxes ``[P, 4]`` (anchor-sized boxes at cell centres).
         ignore_threshold: a non-positive prediction whose IoU with some ground truth exceeds
             this is ignored (no objectness loss) instead of negative.
     """
-    slots, valid, num = _yolov3_slots(gt, priors, image_size)
-    device = gt.boxes.device
+    slots, valid, num = _yolov3_slots(gt, grid.priors, grid.image_size)
     owner = _last_owner(slots, valid, num)
     pos = owner >= 0
 
     if pred_boxes is None:
-        pred_boxes = priors(image_size, device=device)
+        pred_boxes = grid.boxes()
     if pred_boxes.shape[-2] != num:
         raise ValueError(f"pred_boxes has {pred_boxes.shape[-2]} boxes, the priors {num}")
     ignore = (_best_iou_with_gt(pred_boxes, gt) > ignore_threshold) & ~pos
@@ -131,8 +129,7 @@ def assign_yolov3(
 
 def assign_yolov1(
     gt: PaddedTargets,
-    grid_size: int,
-    image_size: Sequence[int],
+    cells: YOLOv1Cells,
     pred_boxes: Tensor | None = None,
     num_predictors: int = 2,
 ) -> YOLOv1Assignment:
@@ -140,8 +137,8 @@ def assign_yolov1(
 
     Args:
         gt: padded ground truth, ``boxes [B, M, 4]`` xyxy pixels, ``mask [B, M]``.
-        grid_size: S of the S x S grid; cell (row, col) covers rows ``row H/S ...``.
-        image_size: (h, w) of the batch tensor.
+        cells: the S x S :class:`~detkit.matching.YOLOv1Cells` of the batch's (h, w) image;
+            cell (row, col) covers rows ``row H/S ...``.
         pred_boxes: decoded predictions ``[B, S, S, K, 4]`` xyxy pixels; of the K predictors
             of an object cell the one with the highest IoU with its gt is responsible (first
             on ties). None makes predictor 0 responsible and ``pred_iou`` zero.
@@ -149,8 +146,8 @@ def assign_yolov1(
     """
     from detkit.ops import box_iou
 
-    img_h, img_w = image_size
-    s = grid_size
+    img_h, img_w = cells.image_size
+    s = cells.grid_size
     wh, centre, valid = _usable(gt)
     col = (centre[..., 0] * s / img_w).floor().long().clamp(0, s - 1)
     row = (centre[..., 1] * s / img_h).floor().long().clamp(0, s - 1)

@@ -1,4 +1,8 @@
-"""YOLO priors (per-scale grids with anchor sizes) and the k-means anchor fitter.
+"""YOLO priors (per-scale grids with anchor sizes, YOLOv1's cells) and the anchor fitter.
+
+A prior generator is called like the others, ``generator(image_size, feature_map_sizes)``,
+and returns the reference its box coder works against: a :class:`YOLOGrid` for
+:class:`YOLOPriors` (YOLOv3), :class:`YOLOv1Cells` for :class:`YOLOv1Grid`.
 
 Flattened prior order, shared with the YOLO heads and :mod:`detkit.matching.yolo_assign`:
 scale by scale, then grid row, grid column, then anchor of that scale.
@@ -15,13 +19,63 @@ from torch import Tensor
 
 
 class YOLOGrid(NamedTuple):
-    """Per-prior layout of all scales, each ``[P, ...]`` in the flattened prior order."""
+    """Per-prior layout of all scales, each ``[P, ...]`` in the flattened prior order, and
+    the priors and image size it was made for (what target assignment needs)."""
 
     grid_xy: Tensor  # [P, 2] float: (col, row) of the cell
     anchor_wh: Tensor  # [P, 2] float: anchor (w, h) in pixels
     stride: Tensor  # [P] float: cell size in pixels
     level: Tensor  # [P] int64: scale index
     anchor_index: Tensor  # [P] int64: anchor index within its scale
+    priors: YOLOPriors | None = None
+    image_size: tuple[int, int] = (0, 0)
+
+    def rows(self, index: Tensor) -> YOLOGrid:
+        """The grid restricted to the priors ``index`` picks (any index shape)."""
+        picked = (t[index] for t in self[:5])
+        return YOLOGrid(*picked, self.priors, self.image_size)
+
+    def boxes(self) -> Tensor:
+        """Prior boxes ``[P, 4]`` xyxy pixels: anchor-sized boxes centred in their cells."""
+        centre = (self.grid_xy + 0.5) * self.stride[:, None]
+        half = 0.5 * self.anchor_wh
+        return torch.cat((centre - half, centre + half), dim=1)
+
+
+class YOLOv1Cells(NamedTuple):
+    """YOLOv1's S x S cells over an (h, w) image: ``grid_xy [S, S, 1, 2]`` holds (col, row)
+    and broadcasts over the K box predictors of each cell."""
+
+    grid_xy: Tensor
+    grid_size: int
+    image_size: tuple[int, int]
+
+
+class YOLOv1Grid:
+    """The YOLOv1 prior generator: an S x S grid of cells over the whole image, whatever the
+    feature map (the head pools its map to S x S)."""
+
+    def __init__(self, grid_size: int = 7) -> None:
+        if int(grid_size) < 1:
+            raise ValueError(f"grid_size must be >= 1, got {grid_size}")
+        self.grid_size = int(grid_size)
+
+    def __call__(
+        self,
+        image_size: Sequence[int],
+        feature_map_sizes: Sequence[Sequence[int]] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> YOLOv1Cells:
+        s = self.grid_size
+        rows, cols = torch.meshgrid(
+            torch.arange(s, device=device), torch.arange(s, device=device), indexing="ij"
+        )
+        xy = torch.stack((cols, rows), dim=-1).to(dtype)[:, :, None, :]
+        return YOLOv1Cells(xy, s, (int(image_size[0]), int(image_size[1])))
+
+    def __repr__(self) -> str:
+        return f"YOLOv1Grid(grid_size={self.grid_size})"
 
 
 def wh_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
@@ -85,7 +139,8 @@ class YOLOPriors:
             parts[2].append(torch.full((gh * gw * n,), float(stride), device=device))
             parts[3].append(torch.full((gh * gw * n,), level, device=device))
             parts[4].append(torch.arange(n, device=device).repeat(gh * gw))
-        return YOLOGrid(*(torch.cat(p) for p in parts))
+        size = (int(image_size[0]), int(image_size[1]))
+        return YOLOGrid(*(torch.cat(p) for p in parts), self, size)
 
     def __call__(
         self,
@@ -93,19 +148,18 @@ class YOLOPriors:
         feature_map_sizes: Sequence[Sequence[int]] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        """Prior boxes ``[P, 4]`` xyxy pixels: anchor-sized boxes centred in their cells."""
+    ) -> YOLOGrid:
+        """The :class:`YOLOGrid` of an (h, w) image; ``feature_map_sizes`` (the head's maps),
+        when given, must be the ones the strides give."""
         if feature_map_sizes is not None and [tuple(f) for f in feature_map_sizes] != (
             self.feature_map_sizes(image_size)
         ):
             raise ValueError(
-                f"feature_map_sizes {feature_map_sizes} do not match strides {self.strides} for"
-                f" image size {tuple(image_size)}"
+                f"feature maps of sizes {[tuple(f) for f in feature_map_sizes]} do not match "
+                f"the priors' strides {self.strides} for image size {tuple(image_size)}: do "
+                "the backbone's strides match the priors'?"
             )
-        g = self.grid(image_size, device)
-        centre = (g.grid_xy + 0.5) * g.stride[:, None]
-        half = 0.5 * g.anchor_wh
-        return torch.cat((centre - half, centre + half), dim=1).to(dtype)
+        return self.grid(image_size, device)
 
     def __repr__(self) -> str:
         return f"YOLOPriors(anchors={self.anchors}, strides={self.strides})"

@@ -1,8 +1,8 @@
 """detkit detectors and their parts: SSD, YOLO (v1 and v3 styles) and Faster R-CNN, each a
-composition of a backbone, optional neck, head, prior generator, matcher, sampler and coder."""
+composition of a backbone, optional neck, head, prior generator, box coder, matcher, sampler
+and loss, built the same way (parts arrive ready-made) and inferring the same way
+(``predict_padded``)."""
 
-from detkit.models.detectors.faster_rcnn import FasterRCNN
-from detkit.models.detectors.ssd import SSD
-from detkit.models.detectors.yolo import YOLO
+from detkit.models.detectors import SSD, YOLO, FasterRCNN, OneStageDetector
 
-__all__ = ["SSD", "YOLO", "FasterRCNN"]
+__all__ = ["SSD", "YOLO", "FasterRCNN", "OneStageDetector"]

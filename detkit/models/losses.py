@@ -14,9 +14,11 @@ from detkit.structures import PaddedTargets, with_padding_slot
 class MultiBoxLoss(nn.Module):
     """Matching + hard-negative mining + softmax CE + smooth L1, for a whole batch at once.
 
+    ``loss(outputs, priors, box_coder, gt)``: the head's :class:`~detkit.models.heads.ssd.
+    SSDOutput`, the default boxes, the detector's box coder and the padded ground truth.
+
     Args:
         matcher: called by :func:`detkit.matching.match_priors` (e.g. ``SSDMatcher(0.5)``).
-        box_coder: ``encode(boxes, priors)`` of the offsets the head regresses.
         negative_sampler: ``(conf_loss [B, P], positive_mask [B, P]) -> negative_mask``
             (e.g. ``HardNegativeSampler(3)``).
         alpha: weight of the localisation term (1 in the paper).
@@ -28,7 +30,6 @@ class MultiBoxLoss(nn.Module):
     def __init__(
         self,
         matcher: object,
-        box_coder: object,
         negative_sampler: object,
         alpha: float = 1.0,
         smooth_l1_beta: float = 1.0,
@@ -36,21 +37,18 @@ class MultiBoxLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.matcher = matcher
-        self.box_coder = box_coder
         self.negative_sampler = negative_sampler
         self.alpha = float(alpha)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.fused_matching = fused_matching
 
-    def forward(
-        self, cls_logits: Tensor, box_deltas: Tensor, priors: Tensor, gt: PaddedTargets
-    ) -> dict[str, Tensor]:
-        """Losses ``{"bbox_regression", "classification"}`` (each already divided by ``N``).
+    def forward(self, outputs, priors: Tensor, box_coder, gt: PaddedTargets) -> dict[str, Tensor]:
+        """Losses ``{"box_regression", "classification"}`` (each already divided by ``N``).
 
-        ``cls_logits [B, P, C + 1]`` (background at 0), ``box_deltas [B, P, 4]``,
+        ``outputs.class_logits [B, P, C + 1]`` (background at 0), ``outputs.box [B, P, 4]``,
         ``priors [P, 4]`` xyxy pixels, ``gt`` padded targets with labels in ``0..C-1``.
         """
-
+        cls_logits, box_deltas = outputs.class_logits, outputs.box
         gt = with_padding_slot(gt)
         match = match_priors(priors, gt, self.matcher, fused=self.fused_matching)
         positive = match.labels == 1
@@ -66,7 +64,7 @@ class MultiBoxLoss(nn.Module):
         ).view(positive.shape)
         negative = self.negative_sampler(conf_loss.detach(), positive) & (match.labels == 0)
 
-        encoded = self.box_coder.encode(gt.boxes[batch_idx, gt_idx], priors[prior_idx])
+        encoded = box_coder.encode(priors[prior_idx], gt.boxes[batch_idx, gt_idx])
         loc_loss = F.smooth_l1_loss(
             box_deltas[batch_idx, prior_idx].float(),
             encoded.float(),
@@ -77,6 +75,6 @@ class MultiBoxLoss(nn.Module):
         num_matched = positive.sum().clamp(min=1).to(conf_loss.dtype)
         selected = (positive | negative).to(conf_loss.dtype)
         return {
-            "bbox_regression": self.alpha * loc_loss / num_matched,
+            "box_regression": self.alpha * loc_loss / num_matched,
             "classification": (conf_loss * selected).sum() / num_matched,
         }

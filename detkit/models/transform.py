@@ -62,3 +62,13 @@ def check_inputs(
     if targets is not None and len(targets) != images.shape[0]:
         raise ValueError(f"{name}: got {images.shape[0]} images but {len(targets)} targets")
     return wanted
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """An image size given as one int (square) or ``(h, w)``, as ``(h, w)``."""
+    if isinstance(size, int):
+        return (size, size)
+    hw = tuple(int(s) for s in size)
+    if len(hw) != 2:
+        raise ValueError(f"image_size must be an int or (h, w), got {size}")
+    return hw  # type: ignore[return-value]

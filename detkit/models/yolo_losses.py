@@ -1,12 +1,12 @@
 """YOLO losses, batched over padded ground truth (no loop over images).
 
-Both read the raw head output and the head's geometry (grid, priors, coder); assignment comes
-from :mod:`detkit.matching` (``assign_yolov1`` / ``assign_yolov3``).
+Both are called as ``loss(outputs, reference, box_coder, gt)``: the head's outputs, the
+reference of the detector's prior generator (:class:`~detkit.matching.YOLOv1Cells` /
+:class:`~detkit.matching.YOLOGrid`), the detector's box coder and the padded ground truth.
+Assignment comes from :mod:`detkit.matching` (``assign_yolov1`` / ``assign_yolov3``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ def _gather(values: Tensor, index: Tensor) -> Tensor:
 class YOLOv1Loss(nn.Module):
     """The YOLOv1 sum-squared loss (Redmon et al. 2016, eq. 3), divided by the batch size.
 
-    ``box``: ``lambda_coord`` x squared error of (x, y, sqrt w, sqrt h) of responsible
+    ``box_regression``: ``lambda_coord`` x squared error of (x, y, sqrt w, sqrt h) of responsible
     predictors; ``objectness``: squared error of their confidence against the (detached) IoU of
     the prediction with its ground truth, plus ``lambda_noobj`` x squared confidence of every
     other predictor; ``classification``: squared error of the class probabilities of cells
@@ -44,27 +44,25 @@ class YOLOv1Loss(nn.Module):
         self.lambda_coord = float(lambda_coord)
         self.lambda_noobj = float(lambda_noobj)
 
-    def forward(
-        self, raw, gt: PaddedTargets, image_size: Sequence[int], head: nn.Module
-    ) -> dict[str, Tensor]:
-
+    def forward(self, outputs, cells, box_coder, gt: PaddedTargets) -> dict[str, Tensor]:
         gt = with_padding_slot(gt)
-        pred_boxes = head.decode_boxes(raw, image_size).detach()
-        assign = assign_yolov1(gt, head.grid_size, image_size, pred_boxes)
+        pred_boxes = box_coder.decode(cells, outputs.box).detach()
+        assign = assign_yolov1(gt, cells, pred_boxes)
         cell_boxes = _gather(gt.boxes.float(), assign.matched_gt)  # [B, S, S, 4]
         cell_labels = _gather(gt.labels.clamp(min=0), assign.matched_gt)  # [B, S, S]
-        target = head.coder.encode(cell_boxes, head.cell_xy(cell_boxes.device)[:, :, 0], image_size)
+        target = box_coder.encode(cells, cell_boxes[..., None, :])  # [B, S, S, 1, 4]
 
-        resp = assign.responsible.to(raw.codes.dtype)  # [B, S, S, K]
-        coord_err = (raw.codes - target[..., None, :]).square().sum(-1)
-        conf_obj = (raw.confidence - assign.pred_iou.to(raw.confidence.dtype)).square()
-        conf_noobj = raw.confidence.square()
-        one_hot = F.one_hot(cell_labels, head.num_classes).to(raw.class_prob.dtype)
-        class_err = (raw.class_prob - one_hot).square().sum(-1)
+        resp = assign.responsible.to(outputs.box.dtype)  # [B, S, S, K]
+        coord_err = (outputs.box - target).square().sum(-1)
+        conf_obj = (outputs.confidence - assign.pred_iou.to(outputs.confidence.dtype)).square()
+        conf_noobj = outputs.confidence.square()
+        num_classes = outputs.class_prob.shape[-1]
+        one_hot = F.one_hot(cell_labels, num_classes).to(outputs.class_prob.dtype)
+        class_err = (outputs.class_prob - one_hot).square().sum(-1)
 
-        batch = raw.codes.shape[0]
+        batch = outputs.box.shape[0]
         return {
-            "box": self.lambda_coord * (coord_err * resp).sum() / batch,
+            "box_regression": self.lambda_coord * (coord_err * resp).sum() / batch,
             "objectness": (
                 (conf_obj * resp).sum() + self.lambda_noobj * (conf_noobj * (1 - resp)).sum()
             )
@@ -113,53 +111,45 @@ class YOLOv3Loss(nn.Module):
         self.classification_weight = float(classification_weight)
         self.noobj_weight = float(noobj_weight)
 
-    def forward(
-        self, raw: Tensor, gt: PaddedTargets, image_size: Sequence[int], head: nn.Module
-    ) -> dict[str, Tensor]:
-
+    def forward(self, outputs, grid, box_coder, gt: PaddedTargets) -> dict[str, Tensor]:
         gt = with_padding_slot(gt)
-        raw = raw.float()
-        pred_boxes = head.decode_boxes(raw, image_size)
-        assign = assign_yolov3(
-            gt, head.priors, image_size, pred_boxes.detach(), self.ignore_threshold
-        )
+        box_raw = outputs.box.float()
+        objectness = outputs.objectness.float()
+        pred_boxes = box_coder.decode(grid, box_raw)
+        assign = assign_yolov3(gt, grid, pred_boxes.detach(), self.ignore_threshold)
         pos = assign.pos_mask
-        num_pos = pos.sum().clamp(min=1).to(raw.dtype)
+        num_pos = pos.sum().clamp(min=1).to(box_raw.dtype)
 
-        obj_target = pos.to(raw.dtype)
-        obj_weight = pos.to(raw.dtype) + self.noobj_weight * assign.neg_mask.to(raw.dtype)
+        obj_target = pos.to(box_raw.dtype)
+        obj_weight = pos.to(box_raw.dtype) + self.noobj_weight * assign.neg_mask.to(box_raw.dtype)
         obj_loss = F.binary_cross_entropy_with_logits(
-            raw[..., 4], obj_target, weight=obj_weight, reduction="sum"
+            objectness, obj_target, weight=obj_weight, reduction="sum"
         )
 
         batch_idx, prior_idx = pos.nonzero(as_tuple=True)
         gt_idx = assign.matched_gt[batch_idx, prior_idx]
         gt_boxes = gt.boxes[batch_idx, gt_idx].float()
-        one_hot = F.one_hot(gt.labels[batch_idx, gt_idx], head.num_classes).to(raw.dtype)
-        pos_raw = raw[batch_idx, prior_idx]
-        cls_loss = F.binary_cross_entropy_with_logits(pos_raw[:, 5:], one_hot, reduction="sum")
+        num_classes = outputs.class_logits.shape[-1]
+        one_hot = F.one_hot(gt.labels[batch_idx, gt_idx], num_classes).to(box_raw.dtype)
+        pos_logits = outputs.class_logits[batch_idx, prior_idx].float()
+        cls_loss = F.binary_cross_entropy_with_logits(pos_logits, one_hot, reduction="sum")
         if self.box_loss == "offsets":
-            box_loss = self._offsets_loss(pos_raw, gt_boxes, prior_idx, image_size, head)
+            target = box_coder.encode(grid.rows(prior_idx), gt_boxes)
+            box_loss = self._offsets_loss(box_raw[batch_idx, prior_idx], target, gt_boxes, grid)
         else:
             fn = giou_loss if self.box_loss == "giou" else ciou_loss
             box_loss = fn(pred_boxes[batch_idx, prior_idx], gt_boxes, reduction="sum")
         return {
-            "box": self.box_weight * box_loss / num_pos,
+            "box_regression": self.box_weight * box_loss / num_pos,
             "objectness": self.objectness_weight * obj_loss / num_pos,
             "classification": self.classification_weight * cls_loss / num_pos,
         }
 
     @staticmethod
-    def _offsets_loss(
-        pos_raw: Tensor, gt_boxes: Tensor, prior_idx: Tensor, image_size: Sequence[int], head
-    ) -> Tensor:
-        g = head.grid(image_size, pos_raw.device)
-        target = head.coder.encode(
-            gt_boxes, g.grid_xy[prior_idx], g.anchor_wh[prior_idx], g.stride[prior_idx]
-        )
+    def _offsets_loss(pos_raw: Tensor, target: Tensor, gt_boxes: Tensor, grid) -> Tensor:
         # Small boxes get up to twice the weight: an offset error costs them more IoU.
         area = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-        scale = 2.0 - area / float(image_size[0] * image_size[1])
+        scale = 2.0 - area / float(grid.image_size[0] * grid.image_size[1])
         xy = F.binary_cross_entropy_with_logits(
             pos_raw[:, :2], target[:, :2].clamp(0, 1), reduction="none"
         ).sum(-1)

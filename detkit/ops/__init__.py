@@ -16,6 +16,7 @@ from detkit.ops.boxes import (
     distance_box_iou,
     generalized_box_iou,
     giou_loss,
+    large_enough,
     remove_small_boxes,
 )
 from detkit.ops.nms import batched_nms, multiclass_nms, nms, soft_nms
@@ -33,6 +34,7 @@ __all__ = [
     "distance_box_iou",
     "generalized_box_iou",
     "giou_loss",
+    "large_enough",
     "multiclass_nms",
     "nms",
     "remove_small_boxes",

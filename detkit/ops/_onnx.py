@@ -10,8 +10,9 @@ The table maps ``torch.ops.detkit.<op>.default`` to onnxscript functions traced 
 
 - ``nms`` / ``batched_nms`` -> ``NonMaxSuppression`` (batched: torchvision's offset trick).
 - ``multiclass_nms`` -> masks for the optional top-k rules, one ``NonMaxSuppression`` over
-  ``[B, C, N]`` scores, then a per-image ``TopK`` with ``k = min(K, selected)`` (never fails
-  with fewer candidates) and ``Pad`` to the fixed ``[B, K]`` outputs.
+  ``[B, C, N]`` scores (class-specific boxes ``[B, N, C, 4]``: over ``B * C`` single-class
+  batches), then a per-image ``TopK`` with ``k = min(K, selected)`` (never fails with fewer
+  candidates) and ``Pad`` to the fixed ``[B, K]`` outputs.
 - ``box_iou`` -> element-wise ops.
 - ``roi_align`` / ``roi_pool`` from :data:`detkit.ops.roi.ROI_ONNX_TRANSLATIONS`.
 
@@ -98,6 +99,7 @@ def _multiclass_nms_onnx(
     from onnxscript import FLOAT, INT64
     from onnxscript import opset18 as op
 
+    class_specific = len(boxes.shape) == 4  # [B, N, C, 4]: every class has its own boxes
     boxes = op.Cast(boxes, to=FLOAT.dtype)
     by_class = op.Transpose(op.Cast(scores, to=FLOAT.dtype), perm=[0, 2, 1])  # [B, C, N]
     masked = op.Where(op.Greater(by_class, score_threshold), by_class, float("-inf"))
@@ -106,19 +108,22 @@ def _multiclass_nms_onnx(
     if pre_nms_top_k is not None:
         flat = op.Reshape(masked, [0, -1])
         masked = op.Reshape(_keep_top_k(op, flat, pre_nms_top_k, axis=1), op.Shape(masked))
-    selected = op.NonMaxSuppression(
-        boxes,
-        masked,
-        op.Constant(value_int=_INT64_MAX_BOXES),
-        op.Constant(value_float=iou_threshold),
-        op.Constant(value_float=score_threshold),
-    )  # [S, 3] rows (image, class, box)
+    if class_specific:
+        selected, sel_boxes = _nms_class_specific(op, boxes, masked, iou_threshold, score_threshold)
+    else:
+        selected = op.NonMaxSuppression(
+            boxes,
+            masked,
+            op.Constant(value_int=_INT64_MAX_BOXES),
+            op.Constant(value_float=iou_threshold),
+            op.Constant(value_float=score_threshold),
+        )  # [S, 3] rows (image, class, box)
+        sel_boxes = op.GatherND(
+            boxes,
+            op.Concat(op.Slice(selected, [0], [1], [1]), op.Slice(selected, [2], [3], [1]), axis=1),
+        )
     image = op.Squeeze(op.Slice(selected, [0], [1], [1]), [1])
     sel_scores = op.GatherND(by_class, selected)
-    sel_boxes = op.GatherND(
-        boxes,
-        op.Concat(op.Slice(selected, [0], [1], [1]), op.Slice(selected, [2], [3], [1]), axis=1),
-    )
     labels = op.Squeeze(op.Slice(selected, [1], [2], [1]), [1])
     # Dense [B, S] score table (-inf outside the image) so one TopK ranks every image.
     images = op.Range(0, op.Squeeze(op.Shape(scores, start=0, end=1), [0]), 1)
@@ -141,6 +146,30 @@ def _multiclass_nms_onnx(
     )
     counts = op.ReduceSum(op.Cast(valid, to=INT64.dtype), [1], keepdims=0)
     return out_boxes, out_scores, out_labels, counts
+
+
+def _nms_class_specific(op, boxes, masked, iou_threshold: float, score_threshold: float):
+    """NonMaxSuppression when every class has its own boxes ``[B, N, C, 4]``: each (image,
+    class) pair becomes one "batch" of the op with its own boxes and a single class. Returns
+    the selected ``[S, 3]`` rows (image, class, box) and their boxes ``[S, 4]``."""
+    from onnxscript import INT64
+
+    n = op.Shape(boxes, start=1, end=2)
+    pair_shape = op.Concat(op.Constant(value_ints=[-1]), n, op.Constant(value_ints=[4]), axis=0)
+    per_pair = op.Reshape(op.Transpose(boxes, perm=[0, 2, 1, 3]), pair_shape)  # [B*C, N, 4]
+    scores = op.Reshape(masked, op.Concat(op.Constant(value_ints=[-1, 1]), n, axis=0))
+    picked = op.NonMaxSuppression(
+        per_pair,
+        scores,
+        op.Constant(value_int=_INT64_MAX_BOXES),
+        op.Constant(value_float=iou_threshold),
+        op.Constant(value_float=score_threshold),
+    )  # [S, 3] rows (image * C + class, 0, box)
+    pair = op.Slice(picked, [0], [1], [1])
+    box = op.Slice(picked, [2], [3], [1])
+    classes = op.Cast(op.Shape(masked, start=1, end=2), to=INT64.dtype)
+    selected = op.Concat(op.Div(pair, classes), op.Mod(pair, classes), box, axis=1)
+    return selected, op.GatherND(per_pair, op.Concat(pair, box, axis=1))
 
 
 def custom_translation_table() -> dict[Callable, Callable]:

@@ -54,9 +54,21 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Clip ``xyxy`` boxes to an image of ``size = (height, width)``."""
+def clip_boxes(boxes: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
+    """Clip ``xyxy`` boxes to an image of ``size = (height, width)``, or each image of a
+    batch ``boxes [B, ..., 4]`` to its own size when ``size`` is a ``[B, 2]`` tensor."""
     _check_boxes("clip_boxes", boxes)
+    if isinstance(size, Tensor) and size.dim() == 2:
+        if size.shape != (boxes.shape[0], 2):
+            raise ValueError(
+                f"clip_boxes: per-image sizes must be [B, 2] for {boxes.shape[0]} images, "
+                f"got {tuple(size.shape)}"
+            )
+        shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 1)
+        limits = size.to(device=boxes.device, dtype=boxes.dtype).flip(-1)  # (w, h)
+        x = torch.minimum(boxes[..., 0::2].clamp(min=0), limits[:, 0].view(shape))
+        y = torch.minimum(boxes[..., 1::2].clamp(min=0), limits[:, 1].view(shape))
+        return torch.stack((x, y), dim=-1).reshape(boxes.shape)
     if len(size) != 2:
         raise ValueError(f"clip_boxes: size must be (height, width), got {size!r}")
     height, width = size
@@ -65,12 +77,18 @@ def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
-def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """Indices of the boxes whose width and height are both ``>= min_size``."""
-    _check_boxes("remove_small_boxes", boxes)
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """Mask ``[...]`` of the boxes whose width and height are both ``>= min_size`` (what
+    :func:`remove_small_boxes` keeps, as a mask over any batch shape)."""
+    _check_boxes("large_enough", boxes)
     widths = boxes[..., 2] - boxes[..., 0]
     heights = boxes[..., 3] - boxes[..., 1]
-    return torch.where((widths >= min_size) & (heights >= min_size))[0]
+    return (widths >= min_size) & (heights >= min_size)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices of the boxes ``[N, 4]`` whose width and height are both ``>= min_size``."""
+    return torch.where(large_enough(boxes, min_size))[0]
 
 
 def _pair_extent(a: Tensor, b: Tensor, lo: int, hi: int) -> Tensor:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from detkit.eval import evaluate_coco
-from detkit.eval.coco import STAT_NAMES
+from detkit.eval.stats import STAT_NAMES
 
 
 def _reference_per_class(evaluator) -> list[float]:

@@ -29,10 +29,8 @@ def build_model(model: str, overrides: tuple[str, ...] = ()):
 
 
 def set_score_threshold(model, value: float) -> None:
-    if hasattr(model, "roi_heads"):
-        model.roi_heads.score_thresh = value
-    else:
-        model.score_threshold = value
+    """The final selection's score threshold (the RoI heads' for Faster R-CNN)."""
+    getattr(model, "roi_heads", model).score_threshold = value
 
 
 def calibrate(model) -> None:

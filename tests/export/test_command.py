@@ -13,8 +13,9 @@ from PIL import Image
 
 from detkit import cli
 from detkit.engine.checkpoint import load_detector
+from detkit.eval.compare import compare_detections
 from detkit.export.onnx import check_against_pytorch
-from detkit.export.verify import ExportCheckError, compare_detections
+from detkit.export.verify import ExportCheckError
 from detkit.export.wrappers import export_wrapper
 
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from detkit.eval.compare import compare_detections
 from detkit.export import export_onnx
-from detkit.export.verify import compare_detections
 from detkit.structures import unpad_detections
 
 FAMILIES = ["ssd_digits", "yolo_digits", "faster_rcnn_digits"]
@@ -62,11 +62,7 @@ def test_onnxruntime_equals_eager(exported, batch):
     _, model, batches, _, session = exported
     images = batches[batch]
     outputs = session.run(None, {"images": images.numpy()})
-    k = (
-        model.roi_heads.detections_per_img
-        if hasattr(model, "roi_heads")
-        else model.detections_per_image
-    )
+    k = model.nms_settings()["max_detections"]
     assert outputs[0].shape == (len(images), k, 4) and outputs[3].shape == (len(images),)
     want, got = run_both(model, session, images)
     counts = [len(d["boxes"]) for d in want]

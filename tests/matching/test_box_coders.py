@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
-from detkit.matching import DeltaXYWHCoder, YOLOv1Coder, YOLOv3Coder
+from detkit.matching import DeltaXYWHCoder, YOLOGrid, YOLOv1Cells, YOLOv1Coder, YOLOv3Coder
 
 
 def _random_boxes(n, scale=100.0):
@@ -17,11 +17,11 @@ def test_delta_coder_equals_torchvision(weights):
     boxes, priors = _random_boxes(500), _random_boxes(500)
     ours, ref = DeltaXYWHCoder(weights), BoxCoder(weights)
     torch.testing.assert_close(
-        ours.encode(boxes, priors), ref.encode_single(boxes, priors), rtol=0, atol=1e-6
+        ours.encode(priors, boxes), ref.encode_single(boxes, priors), rtol=0, atol=1e-6
     )
     deltas = torch.randn(500, 4) * 2
     torch.testing.assert_close(
-        ours.decode(deltas, priors), ref.decode_single(deltas, priors), rtol=1e-6, atol=1e-4
+        ours.decode(priors, deltas), ref.decode_single(deltas, priors), rtol=1e-6, atol=1e-4
     )
 
 
@@ -29,7 +29,7 @@ def test_delta_decode_clamps_exponent_like_torchvision():
     priors = _random_boxes(8)
     deltas = torch.tensor([[0.0, 0.0, 50.0, -3.0]]).repeat(8, 1)
     clip = math.log(1000.0 / 16)
-    got = DeltaXYWHCoder(bbox_xform_clip=clip).decode(deltas, priors)
+    got = DeltaXYWHCoder(bbox_xform_clip=clip).decode(priors, deltas)
     expected = BoxCoder((1.0, 1.0, 1.0, 1.0), clip).decode_single(deltas, priors)
     torch.testing.assert_close(got, expected)
     widths = got[:, 2] - got[:, 0]
@@ -40,34 +40,37 @@ def test_delta_coder_round_trip_broadcasts_over_batch():
     coder = DeltaXYWHCoder((10.0, 10.0, 5.0, 5.0))
     priors = _random_boxes(30)
     boxes = torch.stack([_random_boxes(30) for _ in range(3)])  # [3, 30, 4]
-    deltas = coder.encode(boxes, priors)
+    deltas = coder.encode(priors, boxes)
     assert deltas.shape == (3, 30, 4)
-    torch.testing.assert_close(coder.decode(deltas, priors), boxes, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(coder.decode(priors, deltas), boxes, rtol=1e-5, atol=1e-3)
 
 
 def test_delta_coder_rejects_bad_shapes():
     with pytest.raises(ValueError, match="weights"):
         DeltaXYWHCoder((1.0, 1.0))
     with pytest.raises(ValueError, match="boxes"):
-        DeltaXYWHCoder().encode(torch.zeros(3, 5), torch.zeros(3, 4))
+        DeltaXYWHCoder().encode(torch.zeros(3, 4), torch.zeros(3, 5))
 
 
 def test_yolov3_coder_hand_values_and_round_trip():
     coder = YOLOv3Coder()
     # box centred at (52, 20) with size 40x10; stride 16 -> cell (3, 1), offsets (0.25, 0.25)
     box = torch.tensor([[32.0, 15.0, 72.0, 25.0]])
-    grid_xy, anchor = torch.tensor([[3.0, 1.0]]), torch.tensor([[20.0, 20.0]])
-    code = coder.encode(box, grid_xy, anchor, 16)
+    grid = YOLOGrid(
+        torch.tensor([[3.0, 1.0]]), torch.tensor([[20.0, 20.0]]), torch.tensor([16.0]),
+        torch.tensor([0]), torch.tensor([0]),
+    )  # fmt: skip
+    code = coder.encode(grid, box)
     torch.testing.assert_close(code, torch.tensor([[0.25, 0.25, math.log(2.0), math.log(0.5)]]))
     raw = torch.cat((torch.logit(code[:, :2]), code[:, 2:]), dim=1)
-    torch.testing.assert_close(coder.decode(raw, grid_xy, anchor, 16), box)
+    torch.testing.assert_close(coder.decode(grid, raw), box)
 
 
 def test_yolov1_coder_hand_values_and_round_trip():
-    coder = YOLOv1Coder(grid_size=7)
+    coder = YOLOv1Coder()
     box = torch.tensor([[100.0, 50.0, 200.0, 250.0]])  # centre (150, 150) in a 448 x 448 image
-    cell = torch.tensor([[2.0, 2.0]])  # 150 * 7 / 448 = 2.34375
-    code = coder.encode(box, cell, (448, 448))
+    cell = YOLOv1Cells(torch.tensor([[2.0, 2.0]]), 7, (448, 448))  # 150 * 7 / 448 = 2.34375
+    code = coder.encode(cell, box)
     expected = torch.tensor([[0.34375, 0.34375, math.sqrt(100 / 448), math.sqrt(200 / 448)]])
     torch.testing.assert_close(code, expected)
-    torch.testing.assert_close(coder.decode(code, cell, (448, 448)), box)
+    torch.testing.assert_close(coder.decode(cell, code), box)

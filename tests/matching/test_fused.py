@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detkit.matching import match_stats_chunked, match_stats_dense
-from detkit.ops.kernels.fused_match import fused_match_stats
+from detkit.matching.fused_kernel import fused_match_stats
 
 
 def _boxes(shape, generator, scale=64.0):

@@ -3,6 +3,7 @@ import torch
 
 from detkit.matching import (
     YOLOPriors,
+    YOLOv1Grid,
     assign_yolov1,
     assign_yolov3,
     fit_anchors,
@@ -17,12 +18,12 @@ def _priors():
 
 def test_yolo_priors_layout():
     priors = _priors()
-    boxes = priors((32, 48))  # grids 4x6 (2 anchors) and 2x3 (1 anchor)
+    grid = priors((32, 48))  # grids 4x6 (2 anchors) and 2x3 (1 anchor)
+    boxes = grid.boxes()
     assert boxes.shape == (4 * 6 * 2 + 2 * 3, 4)
     assert boxes[0].tolist() == [-1.0, -1.0, 9.0, 9.0]  # cell (0, 0), centre (4, 4), 10x10
     assert boxes[1].tolist() == [-6.0, -16.0, 14.0, 24.0]  # same cell, 20x40
     assert boxes[2].tolist() == [7.0, -1.0, 17.0, 9.0]  # next column
-    grid = priors.grid((32, 48))
     assert grid.grid_xy[48].tolist() == [0.0, 0.0] and grid.stride[48] == 16
     assert grid.level.tolist().count(1) == 6
 
@@ -65,7 +66,7 @@ def test_assign_yolov3_best_anchor_at_centre_cell():
          "labels": torch.tensor([0, 1])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
     ]  # fmt: skip
-    res = assign_yolov3(pad_targets(targets), priors, (32, 48), ignore_threshold=0.5)
+    res = assign_yolov3(pad_targets(targets), priors((32, 48)), ignore_threshold=0.5)
     first = (1 * 6 + 2) * 2 + 0
     second = 48 + 1 * 3 + 1
     assert res.pos_mask[0].nonzero().squeeze(1).tolist() == [first, second]
@@ -82,9 +83,9 @@ def test_assign_yolov3_ignore_uses_predictions_and_collisions():
     box = torch.tensor([[15.0, 7.0, 25.0, 17.0]])
     targets = [{"boxes": torch.cat((box, box + 0.5, box * 0 + torch.tensor([14, 4, 26, 20]))),
                 "labels": torch.tensor([0, 1, 2])}]  # fmt: skip
-    preds = priors((32, 48))[None].clone()
+    preds = priors((32, 48)).boxes()[None].clone()
     preds[0, 0] = box[0] + 1.0  # a far-away prediction that lands on gt 0: ignored
-    res = assign_yolov3(pad_targets(targets), priors, (32, 48), pred_boxes=preds)
+    res = assign_yolov3(pad_targets(targets), priors((32, 48)), pred_boxes=preds)
     slot = (1 * 6 + 2) * 2
     # gts 0 and 1 share cell and anchor: the later one wins; gt 2 (12x16) too -> also anchor 0
     assert res.pos_mask[0].sum() == 1 and res.matched_gt[0, slot] == 2
@@ -100,11 +101,12 @@ def test_assign_yolov1_responsible_predictor():
     preds = torch.zeros(1, 4, 4, 2, 4)
     preds[0, 0, 0, 0] = torch.tensor([0.0, 0.0, 5.0, 5.0])  # poor
     preds[0, 0, 0, 1] = torch.tensor([10.0, 10.0, 30.0, 28.0])  # good
-    res = assign_yolov1(gt, 4, (100, 100), pred_boxes=preds)  # cells of 25 px
+    cells = YOLOv1Grid(4)((100, 100))  # cells of 25 px
+    res = assign_yolov1(gt, cells, pred_boxes=preds)
     assert res.obj_mask[0].nonzero().tolist() == [[0, 0], [0, 3]]
     assert res.matched_gt[0, 0, 3] == 1
     assert res.responsible[0, 0, 0].tolist() == [False, True]
     torch.testing.assert_close(res.pred_iou[0, 0, 0, 1], torch.tensor(0.9))
     assert res.responsible.sum() == 2  # predictors of empty cells are never responsible
-    default = assign_yolov1(gt, 4, (100, 100))
+    default = assign_yolov1(gt, cells)
     assert default.responsible[0, 0, 3].tolist() == [True, False]

@@ -38,7 +38,7 @@ def test_ssd300_vgg16_config_builds_the_paper_model():
     assert model.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     assert model.head.num_classes == 10
     assert (model.score_threshold, model.nms_threshold) == (0.01, 0.45)
-    assert (model.detections_per_image, model.topk_candidates) == (200, 400)
+    assert (model.detections_per_image, model.topk_candidates_per_class) == (200, 400)
 
 
 @pytest.mark.parametrize(

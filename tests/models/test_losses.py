@@ -8,6 +8,7 @@ from torchvision.models.detection.ssd import SSD as TorchvisionSSD
 from torchvision.ops import box_iou
 
 from detkit.matching import DeltaXYWHCoder, HardNegativeSampler, SSDMatcher
+from detkit.models.heads.ssd import SSDOutput
 from detkit.models.losses import MultiBoxLoss
 from detkit.structures import pad_targets
 
@@ -30,8 +31,15 @@ def _targets():
     ]  # fmt: skip
 
 
-def _loss():
-    return MultiBoxLoss(SSDMatcher(0.5), DeltaXYWHCoder((10, 10, 5, 5)), HardNegativeSampler(3))
+def _loss(sampler=None):
+    """The loss as SSD calls it: the head's outputs, the priors, the detector's coder."""
+    loss = MultiBoxLoss(SSDMatcher(0.5), sampler or HardNegativeSampler(3))
+    coder = DeltaXYWHCoder((10, 10, 5, 5))
+
+    def call(cls_logits, box_deltas, priors, gt):
+        return loss(SSDOutput(cls_logits, box_deltas), priors, coder, gt)
+
+    return call
 
 
 def _torchvision_loss(targets, cls_logits, box_deltas, priors):
@@ -57,9 +65,9 @@ def test_loss_equals_torchvision_compute_loss():
     box_deltas = torch.randn(3, len(priors), 4)
     ours = _loss()(cls_logits, box_deltas, priors, pad_targets(targets))
     theirs = _torchvision_loss(targets, cls_logits, box_deltas, priors)
-    assert set(ours) == {"bbox_regression", "classification"}
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-5)
+    assert set(ours) == {"box_regression", "classification"}
+    for key, their_key in (("box_regression", "bbox_regression"), ("classification",) * 2):
+        torch.testing.assert_close(ours[key], theirs[their_key], rtol=1e-5, atol=1e-5)
 
 
 def test_hard_negatives_are_the_worst_three_per_positive():
@@ -73,7 +81,7 @@ def test_hard_negatives_are_the_worst_three_per_positive():
         seen["neg"] = sampler(conf_loss, positive)
         return seen["neg"]
 
-    loss = MultiBoxLoss(SSDMatcher(0.5), DeltaXYWHCoder((10, 10, 5, 5)), spy)
+    loss = _loss(spy)
     out = loss(torch.randn(3, len(priors), 4), torch.randn(3, len(priors), 4), priors,
                pad_targets(targets))  # fmt: skip
     pos, neg, conf = seen["pos"], seen["neg"], seen["conf"]
@@ -94,8 +102,8 @@ def test_no_ground_truth_gives_zero_loss_without_nan():
     cls_logits = torch.randn(2, len(priors), 4, requires_grad=True)
     box_deltas = torch.randn(2, len(priors), 4, requires_grad=True)
     out = _loss()(cls_logits, box_deltas, priors, pad_targets(empty))
-    assert out["classification"].item() == 0.0 and out["bbox_regression"].item() == 0.0
-    (out["classification"] + out["bbox_regression"]).backward()
+    assert out["classification"].item() == 0.0 and out["box_regression"].item() == 0.0
+    (out["classification"] + out["box_regression"]).backward()
     assert torch.isfinite(cls_logits.grad).all() and torch.isfinite(box_deltas.grad).all()
 
 

@@ -8,9 +8,9 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead as TVTwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 
-from detkit.matching import BalancedPositiveNegativeSampler
-from detkit.models.heads.roi_heads import RoIHeads, RoIPooler
-from detkit.structures import pad_targets
+from detkit.matching import BalancedPositiveNegativeSampler, DeltaXYWHCoder, Matcher
+from detkit.models.heads.roi_heads import FastRCNNPredictor, RoIHeads, RoIPooler, TwoMLPHead
+from detkit.structures import pad_targets, unpad_detections
 
 IMAGE = (128, 160)
 
@@ -46,10 +46,10 @@ def test_multiscale_pooler_equals_torchvision() -> None:
     )
     theirs = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     expected = theirs({str(k): f for k, f in enumerate(feats)}, boxes, [IMAGE, IMAGE])
-    got = RoIPooler(7, 2, "align")(feats, rois, [IMAGE, IMAGE])
+    got = RoIPooler(7, 2, "align")(feats, rois, IMAGE)
     torch.testing.assert_close(got, expected)
     # The paper's single-map RoI max pooling at stride 16.
-    pooled = RoIPooler(7, mode="pool")(feats[2:3], rois, [IMAGE, IMAGE])
+    pooled = RoIPooler(7, mode="pool")(feats[2:3], rois, IMAGE)
     torch.testing.assert_close(pooled, roi_pool(feats[2], rois, 7, 1 / 16))
 
 
@@ -61,13 +61,26 @@ def _pair(sample_all: bool = True) -> tuple[TVRoIHeads, RoIHeads]:
         TVPredictor(32, 4), 0.5, 0.5, batch, frac, None, 0.05, 0.5, 100,
     )  # fmt: skip
     ours = RoIHeads(
-        RoIPooler(7, 2), sampler=BalancedPositiveNegativeSampler(batch, frac),
-        representation_size=32,
+        RoIPooler(7, 2), TwoMLPHead(4, 7, 32), FastRCNNPredictor(32, 3),
+        Matcher(0.5, 0.5, False), BalancedPositiveNegativeSampler(batch, frac),
+        DeltaXYWHCoder((10.0, 10.0, 5.0, 5.0)),
     )  # fmt: skip
-    ours.build(4, 3)
     ours.box_head.load_state_dict(theirs.box_head.state_dict())
     ours.box_predictor.load_state_dict(theirs.box_predictor.state_dict())
     return theirs, ours
+
+
+def _detect(heads: RoIHeads, feats, proposals: list[torch.Tensor]) -> list[dict]:
+    """Detections of per-image proposals through the batched inference: proposals padded to
+    ``[B, K, 4]`` with a count, candidates, selection, unpadded."""
+    most = max(1, max(len(p) for p in proposals))
+    padded = torch.zeros(len(proposals), most, 4)
+    for i, p in enumerate(proposals):
+        padded[i, : len(p)] = p
+    num = torch.tensor([len(p) for p in proposals])
+    sizes = torch.tensor([IMAGE] * len(proposals))
+    candidates = heads.candidates(feats, padded, num, IMAGE, sizes)
+    return unpad_detections(*heads.select(*candidates))
 
 
 def test_losses_and_detections_equal_torchvision() -> None:
@@ -76,13 +89,12 @@ def test_losses_and_detections_equal_torchvision() -> None:
     named = {str(k): f for k, f in enumerate(feats)}
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
     _, t_losses = theirs.train()(named, [p.clone() for p in proposals], [IMAGE] * 2, tv_targets)
-    detections, losses = ours(feats, proposals, [IMAGE] * 2, pad_targets(targets), False)
-    assert detections is None
+    losses = ours.train().loss(feats, proposals, IMAGE, pad_targets(targets))
     torch.testing.assert_close(losses["classification"], t_losses["loss_classifier"])
     torch.testing.assert_close(losses["box_regression"], t_losses["loss_box_reg"])
-    theirs.score_thresh = ours.score_thresh = 0.0
+    theirs.score_thresh = ours.score_threshold = 0.0
     t_dets, _ = theirs.eval()(named, proposals, [IMAGE] * 2)
-    detections, _ = ours.eval()(feats, proposals, [IMAGE] * 2)
+    detections = _detect(ours.eval(), feats, proposals)
     for ours_d, theirs_d in zip(detections, t_dets, strict=True):
         assert len(ours_d["boxes"]) == len(theirs_d["boxes"]) > 10
         torch.testing.assert_close(ours_d["boxes"], theirs_d["boxes"])
@@ -110,8 +122,8 @@ def test_no_proposals_and_no_ground_truth() -> None:
     empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
     no_gt = pad_targets([_targets()[1], _targets()[1]])
     ours.train()
-    _, losses = ours(_features(), empty, [IMAGE] * 2, no_gt, False)
+    losses = ours.loss(_features(), empty, IMAGE, no_gt)
     assert all(torch.isfinite(v) and v.item() == 0.0 for v in losses.values())
-    detections, _ = ours.eval()(_features(), empty, [IMAGE] * 2)
+    detections = _detect(ours.eval(), _features(), empty)
     assert [len(d["boxes"]) for d in detections] == [0, 0]
     assert detections[0]["labels"].dtype == torch.int64

@@ -8,14 +8,14 @@ from torchvision.ops import box_iou
 from detkit.matching import DefaultBoxGenerator
 from detkit.models import SSD
 from detkit.models.backbones import SmallBackbone
-from detkit.models.detectors.ssd import ssd300_priors
+from detkit.models.detectors.ssd import ssd, ssd300_priors
 from detkit.structures import DetectorOutput
 
 
 def _small_ssd(num_classes=3, **kwargs):
     backbone = SmallBackbone((8, 16), (16, 24, 32), level_depth=1, valid_tail=0)
     priors = DefaultBoxGenerator([[2], [2], [2]], scales=[0.15, 0.3, 0.55, 0.8])
-    return SSD(backbone, num_classes, image_size=128, prior_generator=priors, **kwargs)
+    return ssd(backbone, num_classes, image_size=128, prior_generator=priors, **kwargs)
 
 
 def _targets(batch):
@@ -28,11 +28,11 @@ def test_ssd300_has_8732_default_boxes():
     sizes = [[s, s] for s in (38, 19, 10, 5, 3, 1)]
     assert ssd300_priors()((300, 300), sizes).shape == (8732, 4)
     small = SmallBackbone()  # same map sizes as VGG16 at 300, far cheaper to run
-    model = SSD(small, num_classes=5).eval()
+    model = ssd(small, num_classes=5).eval()
     with torch.no_grad():
         features = small(torch.rand(1, 3, 300, 300))
         logits, deltas = model.head(features)
-    assert model.priors((300, 300), features).shape == (8732, 4)
+    assert model.reference((300, 300), features).shape == (8732, 4)
     assert logits.shape == (1, 8732, 6) and deltas.shape == (1, 8732, 4)
 
 
@@ -40,7 +40,7 @@ def test_train_mode_returns_losses_only():
     model = _small_ssd().train()
     out = model(torch.rand(2, 3, 128, 128), _targets(2))
     assert isinstance(out, DetectorOutput) and out.detections is None
-    assert set(out.losses) == {"bbox_regression", "classification"}
+    assert set(out.losses) == {"box_regression", "classification"}
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.head.predictors[0].weight.grad.abs().sum() > 0
@@ -51,7 +51,7 @@ def test_eval_with_targets_gives_losses_and_detections():
     model = _small_ssd(detections_per_image=7).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, 128, 128), _targets(2))
-    assert set(out.losses) == {"bbox_regression", "classification"}
+    assert set(out.losses) == {"box_regression", "classification"}
     assert len(out.detections) == 2
     for det in out.detections:
         assert det["boxes"].shape[1] == 4 and len(det["boxes"]) <= 7
@@ -62,10 +62,10 @@ def test_eval_with_targets_gives_losses_and_detections():
 
 
 @torch.no_grad()
-def test_forward_padded_matches_detections():
+def test_predict_padded_matches_detections():
     model = _small_ssd(detections_per_image=5).eval()
     images = torch.rand(2, 3, 128, 128)
-    boxes, scores, labels, num = model.forward_padded(images)
+    boxes, scores, labels, num = model.predict_padded(images)
     assert boxes.shape == (2, 5, 4) and scores.shape == labels.shape == (2, 5)
     for i, det in enumerate(model(images).detections):
         n = int(num[i])
@@ -79,7 +79,7 @@ def test_priors_follow_the_input_size_and_are_cached():
         for size in (128, 96, 160):
             out = model(torch.rand(1, 3, size, size + 32), return_detections=True)
             assert (out.detections[0]["boxes"][:, 2] <= size + 32).all()
-    assert len(model._priors) == 3
+    assert len(model._references) == 3
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -90,8 +90,8 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.rand(3, 64, 64), _targets(1))
     with pytest.raises(ValueError, match="1 images but 2 targets"):
         model(torch.rand(1, 3, 64, 64), _targets(2))
-    with pytest.raises(ValueError, match="out_channels has 3 maps"):
-        SSD(SmallBackbone((8, 16), (8, 8, 8), level_depth=1, valid_tail=0), 3)
+    with pytest.raises(ValueError, match="3 feature maps"):
+        ssd(SmallBackbone((8, 16), (8, 8, 8), level_depth=1, valid_tail=0), 3)
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def test_pretrained_torchvision_copies_backbone_and_box_regressors(monkeypatch):
     coco = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4)
     monkeypatch.setattr(tv_detection, "ssd300_vgg16", lambda weights: coco)  # no download
     with pytest.warns(UserWarning, match="classifier starts from scratch"):
-        model = SSD(VGG16Backbone(), num_classes=2, pretrained="torchvision")
+        model = ssd(VGG16Backbone(), num_classes=2, pretrained="torchvision")
     torch.testing.assert_close(model.backbone.extra[1][2].weight, coco.backbone.extra[1][2].weight)
     fused = model.head.predictors[0].weight.view(4, 7, 512, 3, 3)  # 4 boxes x (3 logits + 4)
     reg = coco.head.regression_head.module_list[0].weight.view(4, 4, 512, 3, 3)
@@ -169,6 +169,6 @@ def test_pretrained_torchvision_copies_backbone_and_box_regressors(monkeypatch):
     assert not torch.equal(fused[:, :3], cls.view(4, 4, 512, 3, 3)[:, :3])
     torch.testing.assert_close(model.normalize.std.flatten(), torch.full((3,), 1 / 255))
     with pytest.raises(ValueError, match="vgg16 backbone"):
-        SSD(SmallBackbone(), 2, pretrained="torchvision")
+        ssd(SmallBackbone(), 2, pretrained="torchvision")
     with pytest.raises(ValueError, match="pretrained="):
-        SSD(SmallBackbone(), 2, pretrained="imagenet")
+        ssd(SmallBackbone(), 2, pretrained="imagenet")

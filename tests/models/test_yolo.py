@@ -7,11 +7,12 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from detkit.matching import YOLOPriors
+from detkit.matching import YOLOPriors, YOLOv1Coder, YOLOv1Grid, YOLOv3Coder
 from detkit.models.backbones.darknet import CSPDarknet, TrunkLevels
 from detkit.models.detectors.yolo import YOLO, yolov1, yolov3
-from detkit.models.heads.yolo import YOLOv1Head, YOLOv1Output, YOLOv3Head
+from detkit.models.heads.yolo import YOLOv1Head, YOLOv1Output, YOLOv3Head, YOLOv3Output
 from detkit.models.necks.yolo_pan import YOLOPAN
+from detkit.structures import unpad_detections
 from detkit.testing import digits_batch
 
 ANCHORS = (
@@ -56,21 +57,23 @@ def test_backbones_and_neck_give_strides_8_16_32():
 def test_v3_head_flattens_in_prior_order_and_decodes_zero_to_priors():
     priors, c = YOLOPriors(ANCHORS), 2
     cols = 3 * (5 + c)
-    head = YOLOv3Head([cols] * 3, c, priors)
+    head = YOLOv3Head([cols] * 3, priors.num_anchors_per_location(), c)
     for conv in head.predictors:  # identity 1x1 conv: raw values are the input features
         conv.weight.data.copy_(torch.eye(cols).view(cols, cols, 1, 1))
         conv.bias.data.zero_()
     feats = [torch.randn(2, cols, 64 // s, 96 // s) for s in (8, 16, 32)]
-    raw = head(feats)
-    grid = priors.grid((64, 96))
+    out = head(feats)
+    raw = torch.cat((out.box, out.objectness[..., None], out.class_logits), dim=-1)
+    grid = priors((64, 96), [f.shape[-2:] for f in feats])
     assert raw.shape == (2, len(grid.stride), 5 + c)
     for p in torch.randint(0, len(grid.stride), (50,)).tolist():
         level, anchor = int(grid.level[p]), int(grid.anchor_index[p])
         col, row = grid.grid_xy[p].long().tolist()
         expected = feats[level][1, anchor * (5 + c) : (anchor + 1) * (5 + c), row, col]
         assert torch.equal(raw[1, p], expected)
-    boxes, scores = head.decode(torch.zeros_like(raw), (64, 96))
-    torch.testing.assert_close(boxes[0], priors((64, 96)))
+    zero = YOLOv3Output(*(torch.zeros_like(t) for t in out))
+    boxes, scores = YOLOv3Coder().decode(grid, zero.box), head.scores(zero)
+    torch.testing.assert_close(boxes[0], grid.boxes())
     torch.testing.assert_close(scores, torch.full_like(scores, 0.25))
 
 
@@ -80,9 +83,10 @@ def test_v1_decode_is_class_probability_times_confidence():
     raw = YOLOv1Output(
         torch.rand(1, s, s, k, 4), torch.rand(1, s, s, k), torch.rand(1, s, s, c).softmax(-1)
     )
-    boxes, scores = head.decode(raw, (90, 60))
+    boxes = YOLOv1Coder().decode(YOLOv1Grid(s)((90, 60)), raw.box).reshape(1, -1, 4)
+    scores = head.scores(raw).reshape(1, -1, c)
     # cell (row 1, col 2), predictor 1: box centre ((x + 2) 60 / 3, (y + 1) 90 / 3)
-    x, y, sw, sh = raw.codes[0, 1, 2, 1].tolist()
+    x, y, sw, sh = raw.box[0, 1, 2, 1].tolist()
     cx, cy, w, h = (x + 2) * 20, (y + 1) * 30, sw**2 * 60, sh**2 * 90
     index = (1 * s + 2) * k + 1
     torch.testing.assert_close(
@@ -92,7 +96,7 @@ def test_v1_decode_is_class_probability_times_confidence():
         scores[0, index], raw.class_prob[0, 1, 2] * raw.confidence[0, 1, 2, 1]
     )
     out = head(torch.rand(2, 8, 10, 10))  # stride 2 gives 5x5: a larger map pools to S x S
-    assert out.codes.shape == (2, s, s, k, 4) and out.class_prob.shape == (2, s, s, c)
+    assert out.box.shape == (2, s, s, k, 4) and out.class_prob.shape == (2, s, s, c)
     assert out.class_prob.sum(-1).allclose(torch.ones(2, s, s))
     with pytest.raises(ValueError, match="smaller than the 3x3 grid"):
         head(torch.rand(1, 8, 4, 4))  # 2x2 after the stride-2 conv: stretching is refused
@@ -110,7 +114,8 @@ def test_forward_modes_and_bad_input(version):
     images = torch.rand(2, 3, 64, 64)
     targets = [_target([[4, 6, 30, 40]], [2]), _target([], [])]
     out = model(images, targets)
-    assert set(out.losses) == {"box", "objectness", "classification"} and out.detections is None
+    assert set(out.losses) == {"box_regression", "objectness", "classification"}
+    assert out.detections is None
     model.eval()
     out = model(images)
     assert not out.losses and len(out.detections) == 2
@@ -129,18 +134,25 @@ def test_forward_modes_and_bad_input(version):
     with pytest.raises(ValueError, match="needs targets"):
         model(images)
     with pytest.raises(ValueError, match="classes"):
-        YOLO(CSPDarknet(TINY), 3, YOLOv3Head([32, 64, 128], 5), loss=None)
+        head = YOLOv3Head([32, 64, 128], [3, 3, 3], 5)
+        YOLO(CSPDarknet(TINY), head, YOLOPriors(ANCHORS), YOLOv3Coder(), None, 3)
 
 
 def test_postprocess_equals_threshold_then_torchvision_batched_nms():
     model = _tiny_v3(
-        num_classes=3, size=96, score_threshold=0.2, nms_threshold=0.5, topk_candidates=10_000
+        num_classes=3,
+        size=96,
+        score_threshold=0.2,
+        nms_threshold=0.5,
+        topk_candidates_per_image=10_000,
     ).eval()
     # Continuous random logits: no score ties, so the order of equal scores cannot differ.
     raw = torch.randn(2, sum(3 * (96 // s) ** 2 for s in (8, 16, 32)), 8)
-    detections = model.postprocess(raw, (96, 96))
-    boxes, scores = model.head.decode(raw, (96, 96))
-    boxes = boxes.clamp(0, 96)
+    outputs = YOLOv3Output(raw[..., :4], raw[..., 4], raw[..., 5:])
+    grid = model.prior_generator((96, 96))
+    detections = unpad_detections(*model.select(*model.decode(outputs, grid, (96, 96))))
+    boxes = YOLOv3Coder().decode(grid, outputs.box).clamp(0, 96)
+    scores = YOLOv3Head.scores(outputs)
     for b, det in enumerate(detections):
         idx, label = (scores[b] > 0.2).nonzero(as_tuple=True)
         cand_boxes, cand_scores = boxes[b][idx], scores[b][idx, label]
@@ -178,7 +190,7 @@ def test_configs_compose_and_instantiate(overrides, num_classes, size, head):
     assert model.num_classes == num_classes and model.image_size == (size, size)
     assert cfg.transforms.train.size == size
     if overrides == ["experiment=digits_yolo"]:
-        assert cfg.model.head.priors.strides == [8, 16, 32]
+        assert cfg.model.prior_generator.strides == [8, 16, 32]
         out = model(torch.rand(1, 3, 64, 64), [_target([[4, 6, 30, 40]], [7])])
         assert torch.isfinite(out.loss)
     if overrides == ["model=yolov1"]:

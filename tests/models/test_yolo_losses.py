@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, complete_box_iou_loss, generalized_box_iou_loss
 
-from detkit.matching import YOLOPriors
-from detkit.models.heads.yolo import YOLOv1Head, YOLOv1Output, YOLOv3Head
+from detkit.matching import YOLOPriors, YOLOv1Coder, YOLOv1Grid, YOLOv3Coder
+from detkit.models.heads.yolo import YOLOv1Output, YOLOv3Output
 from detkit.models.yolo_losses import YOLOv1Loss, YOLOv3Loss
 from detkit.structures import pad_targets
 
@@ -26,6 +26,17 @@ ANCHORS = (
 )
 
 
+def _v1_loss(loss, raw: YOLOv1Output, gt, s: int):
+    """The loss called as the detector calls it: with the cells and the coder."""
+    return loss(raw, YOLOv1Grid(s)(IMAGE), YOLOv1Coder(), gt)
+
+
+def _v3_loss(loss, raw: torch.Tensor, gt):
+    """``raw [B, P, 5 + C]`` as YOLOv3Head's outputs, with the grid and the coder."""
+    grid = YOLOPriors(ANCHORS, (8, 16, 32))(IMAGE)
+    return loss(YOLOv3Output(raw[..., :4], raw[..., 4], raw[..., 5:]), grid, YOLOv3Coder(), gt)
+
+
 def _target(boxes, labels):
     return {
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -36,7 +47,7 @@ def _target(boxes, labels):
 def _v1_oracle(raw: YOLOv1Output, targets, s: int, num_classes: int, image_size):
     """YOLOv1 loss (paper eq. 3) one image and one cell at a time."""
     h_img, w_img = image_size
-    total = {"box": 0.0, "objectness": 0.0, "classification": 0.0}
+    total = {"box_regression": 0.0, "objectness": 0.0, "classification": 0.0}
     for b, t in enumerate(targets):
         owner = {}
         for j, (x1, y1, x2, y2) in enumerate(t["boxes"].tolist()):
@@ -55,13 +66,13 @@ def _v1_oracle(raw: YOLOv1Output, targets, s: int, num_classes: int, image_size)
                     [(x1 + gw / 2) * s / w_img - c, (y1 + gh / 2) * s / h_img - r,
                      math.sqrt(gw / w_img), math.sqrt(gh / h_img)]
                 )  # fmt: skip
-                codes = raw.codes[b, r, c]
+                codes = raw.box[b, r, c]
                 pcx, pcy = (codes[:, 0] + c) * w_img / s, (codes[:, 1] + r) * h_img / s
                 pw, ph = codes[:, 2] ** 2 * w_img, codes[:, 3] ** 2 * h_img
                 pred = torch.stack((pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2), 1)
                 ious = box_iou(pred, t["boxes"][j : j + 1])[:, 0]
                 best = int(ious.argmax())
-                total["box"] += 5.0 * float((codes[best] - code_t).square().sum())
+                total["box_regression"] += 5.0 * float((codes[best] - code_t).square().sum())
                 for k in range(len(conf)):
                     if k == best:
                         total["objectness"] += float((conf[k] - ious[k]) ** 2)
@@ -83,14 +94,13 @@ def _v1_raw(batch, s, k, c, seed=0):
 
 def test_yolov1_loss_equals_paper_oracle_with_shared_cell():
     s, k, c = 4, 2, 3
-    head = YOLOv1Head(8, c, grid_size=s, num_boxes=k)
     targets = [
         # two centres in cell (row 0, col 0): the later box owns it; one more in cell (2, 3)
         _target([[2, 2, 12, 14], [4, 1, 14, 10], [50, 34, 62, 46]], [0, 2, 1]),
         _target([], []),
     ]
     raw = _v1_raw(2, s, k, c)
-    got = YOLOv1Loss()(raw, pad_targets(targets), IMAGE, head)
+    got = _v1_loss(YOLOv1Loss(), raw, pad_targets(targets), s)
     want = _v1_oracle(raw, targets, s, c, IMAGE)
     for name in want:
         assert float(got[name]) == pytest.approx(want[name], rel=1e-5, abs=1e-6), name
@@ -99,7 +109,7 @@ def test_yolov1_loss_equals_paper_oracle_with_shared_cell():
 def test_yolov1_responsible_predictor_is_highest_iou():
     # Predictor 1 sits exactly on the object, predictor 0 far off: only predictor 1 is pulled
     # towards the box, and its confidence target is its IoU (1).
-    s, head = 2, YOLOv1Head(8, 2, grid_size=2, num_boxes=2)
+    s = 2
     targets = [_target([[8, 8, 24, 24]], [1])]  # centre (16, 16): cell (0, 0), 32-px cells
     codes = torch.full((1, s, s, 2, 4), 0.5)
     codes[0, 0, 0, 1] = torch.tensor([0.5, 0.5, 0.5, 0.5])  # (16, 16) 16x16: the gt box
@@ -107,8 +117,8 @@ def test_yolov1_responsible_predictor_is_highest_iou():
     conf = torch.zeros(1, s, s, 2)
     conf[0, 0, 0, 1] = 1.0
     prob = torch.tensor([0.0, 1.0]).expand(1, s, s, 2)
-    losses = YOLOv1Loss()(YOLOv1Output(codes, conf, prob), pad_targets(targets), IMAGE, head)
-    assert float(losses["box"]) == pytest.approx(0.0, abs=1e-10)
+    losses = _v1_loss(YOLOv1Loss(), YOLOv1Output(codes, conf, prob), pad_targets(targets), s)
+    assert float(losses["box_regression"]) == pytest.approx(0.0, abs=1e-10)
     assert float(losses["objectness"]) == pytest.approx(0.0, abs=1e-10)
     assert float(losses["classification"]) == pytest.approx(0.0, abs=1e-10)
 
@@ -121,7 +131,7 @@ def _v3_oracle(raw, targets, anchors, strides, image_size, num_classes, box_loss
         gh, gw = math.ceil(h_img / stride), math.ceil(w_img / stride)
         layout += [(level, r, c, a) for r in range(gh) for c in range(gw) for a in range(3)]
     flat = [(lv, a, w, h) for lv, sc in enumerate(anchors) for a, (w, h) in enumerate(sc)]
-    totals = {"box": 0.0, "objectness": 0.0, "classification": 0.0}
+    totals = {"box_regression": 0.0, "objectness": 0.0, "classification": 0.0}
     num_pos = 0
     for b, t in enumerate(targets):
         pred = []
@@ -163,7 +173,7 @@ def _v3_oracle(raw, targets, anchors, strides, image_size, num_classes, box_loss
             cls = F.binary_cross_entropy_with_logits(raw[b, p, 5:], one_hot, reduction="sum")
             totals["classification"] += float(cls)
             fn = complete_box_iou_loss if box_loss == "ciou" else generalized_box_iou_loss
-            totals["box"] += float(fn(pred[p], t["boxes"][j]))
+            totals["box_regression"] += float(fn(pred[p], t["boxes"][j]))
         num_pos += len(positives)
     return {k: v / max(num_pos, 1) for k, v in totals.items()}, num_pos
 
@@ -171,8 +181,6 @@ def _v3_oracle(raw, targets, anchors, strides, image_size, num_classes, box_loss
 @pytest.mark.parametrize("box_loss", ["ciou", "giou"])
 def test_yolov3_loss_equals_loop_oracle(box_loss):
     c = 4
-    priors = YOLOPriors(ANCHORS, (8, 16, 32))
-    head = YOLOv3Head([8, 8, 8], c, priors)
     targets = [
         # Two objects in cell (1, 1) of stride 8 with different best anchors: both positive.
         # The 40x40 box also overlaps predictions of neighbouring priors (ignore rule).
@@ -183,7 +191,7 @@ def test_yolov3_loss_equals_loop_oracle(box_loss):
     num_priors = sum(math.ceil(64 / s) ** 2 * 3 for s in (8, 16, 32))
     raw = torch.randn(3, num_priors, 5 + c, generator=torch.Generator().manual_seed(1)) * 0.5
     loss = YOLOv3Loss(box_loss=box_loss, ignore_threshold=0.5)
-    got = loss(raw, pad_targets(targets), IMAGE, head)
+    got = _v3_loss(loss, raw, pad_targets(targets))
     want, num_pos = _v3_oracle(raw, targets, ANCHORS, (8, 16, 32), IMAGE, c, box_loss, 0.5)
     assert num_pos == 5
     for name in want:
@@ -191,11 +199,9 @@ def test_yolov3_loss_equals_loop_oracle(box_loss):
 
 
 def test_yolov3_ignored_predictions_get_no_objectness_loss():
-    priors = YOLOPriors(ANCHORS, (8, 16, 32))
-    head = YOLOv3Head([8, 8, 8], 2, priors)
     gt = pad_targets([_target([[18, 18, 54, 54]], [1])])  # 36x36 centred at (36, 36)
     num_priors = sum(math.ceil(64 / s) ** 2 * 3 for s in (8, 16, 32))
-    grid = head.grid(IMAGE, torch.device("cpu"))
+    grid = YOLOPriors(ANCHORS, (8, 16, 32))(IMAGE)
 
     def prior(level, anchor, cell):
         match = (grid.level == level) & (grid.anchor_index == anchor)
@@ -208,27 +214,25 @@ def test_yolov3_ignored_predictions_get_no_objectness_loss():
     raw[0, near_miss, :4] = torch.tensor(
         [math.log(0.25 / 0.75), math.log(0.25 / 0.75), math.log(36 / 16), math.log(36 / 16)]
     )
-    decoded = head.decode_boxes(raw, IMAGE)[0]
+    decoded = YOLOv3Coder().decode(grid, raw[..., :4])[0]
     assert float(box_iou(decoded[near_miss : near_miss + 1], gt.boxes[0])) == pytest.approx(1.0)
     loss = YOLOv3Loss(ignore_threshold=0.5)
-    base = loss(raw, gt, IMAGE, head)["objectness"]
+    base = _v3_loss(loss, raw, gt)["objectness"]
     confident = raw.clone()
     confident[0, near_miss, 4] = 10.0  # a confident near miss is not punished
-    assert float(loss(confident, gt, IMAGE, head)["objectness"]) == pytest.approx(float(base))
+    assert float(_v3_loss(loss, confident, gt)["objectness"]) == pytest.approx(float(base))
     confident = raw.clone()
     confident[0, negative, 4] = 10.0  # a confident empty prediction is
-    assert float(loss(confident, gt, IMAGE, head)["objectness"]) > float(base) + 5
+    assert float(_v3_loss(loss, confident, gt)["objectness"]) > float(base) + 5
     confident = raw.clone()
     confident[0, positive, 4] = 10.0  # and the positive is pulled up
-    assert float(loss(confident, gt, IMAGE, head)["objectness"]) < float(base) - 0.5
+    assert float(_v3_loss(loss, confident, gt)["objectness"]) < float(base) - 0.5
 
 
 def test_yolov3_offsets_loss_is_zero_gradient_at_exact_targets():
-    priors = YOLOPriors(ANCHORS, (8, 16, 32))
-    head = YOLOv3Head([8, 8, 8], 2, priors)
     gt = pad_targets([_target([[12, 12, 28, 28]], [0])])  # 16x16 centred at (20, 20)
     num_priors = sum(math.ceil(64 / s) ** 2 * 3 for s in (8, 16, 32))
-    grid = head.grid(IMAGE, torch.device("cpu"))
+    grid = YOLOPriors(ANCHORS, (8, 16, 32))(IMAGE)
     positive = int(
         ((grid.level == 1) & (grid.anchor_index == 0) & (grid.grid_xy == 1).all(1)).nonzero()
     )
@@ -236,18 +240,16 @@ def test_yolov3_offsets_loss_is_zero_gradient_at_exact_targets():
     # (20 / 16 - 1) = 0.25 = sigmoid(t) -> t = logit(0.25); size equals the anchor -> t_w = 0
     raw[0, positive, :2] = math.log(0.25 / 0.75)
     raw.requires_grad_(True)
-    box = YOLOv3Loss(box_loss="offsets")(raw, gt, IMAGE, head)["box"]
+    box = _v3_loss(YOLOv3Loss(box_loss="offsets"), raw, gt)["box_regression"]
     box.backward()
     assert raw.grad[0, positive, :4].abs().max() < 1e-6
 
 
 def test_empty_batch_and_bad_arguments():
-    priors = YOLOPriors(ANCHORS, (8, 16, 32))
-    head = YOLOv3Head([8, 8, 8], 2, priors)
     num_priors = sum(math.ceil(64 / s) ** 2 * 3 for s in (8, 16, 32))
     raw = torch.zeros(2, num_priors, 7)
-    losses = YOLOv3Loss()(raw, pad_targets([_target([], []), _target([], [])]), IMAGE, head)
-    assert float(losses["box"]) == 0.0 and float(losses["classification"]) == 0.0
+    losses = _v3_loss(YOLOv3Loss(), raw, pad_targets([_target([], []), _target([], [])]))
+    assert float(losses["box_regression"]) == 0.0 and float(losses["classification"]) == 0.0
     # every prior is a negative at p = 0.5: BCE log(2) each, normalised by max(num_pos, 1)
     assert float(losses["objectness"]) == pytest.approx(2 * num_priors * math.log(2), rel=1e-5)
     with pytest.raises(ValueError, match="box_loss"):

@@ -1,5 +1,8 @@
-"""Detectors: composition of backbone, head, priors/anchors, loss and post-processing."""
+"""Detectors: compositions of backbone, neck, head, prior generator, box coder and loss."""
 
+from detkit.models.detectors.faster_rcnn import FasterRCNN
+from detkit.models.detectors.one_stage import OneStageDetector
 from detkit.models.detectors.ssd import SSD
+from detkit.models.detectors.yolo import YOLO
 
-__all__ = ["SSD"]
+__all__ = ["SSD", "YOLO", "FasterRCNN", "OneStageDetector"]

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.matching import BalancedPositiveNegativeSampler, DeltaXYWHCoder, Matcher
-from detkit.ops import batched_nms, box_iou, clip_boxes, remove_small_boxes, roi_align, roi_pool
-from detkit.structures import Detections, PaddedTargets
+from detkit.ops import box_iou, clip_boxes, large_enough, multiclass_nms, roi_align, roi_pool
+from detkit.structures import PaddedTargets
 
 Size = tuple[int, int]
 
@@ -26,7 +25,8 @@ class RoIPooler(nn.Module):
 
     With several maps, each RoI goes to level ``floor(4 + log2(sqrt(area) / 224))`` clamped to
     the available levels (FPN paper eq. 1; torchvision's ``MultiScaleRoIAlign`` mapping). Map
-    scales are inferred as powers of two from the largest image size, like torchvision.
+    scales are inferred as powers of two from the padded image size, like torchvision (which
+    uses the largest image of the batch; the rounding makes them agree).
 
     Args:
         output_size: pooled size (7).
@@ -55,52 +55,60 @@ class RoIPooler(nn.Module):
         self.canonical_scale = float(canonical_scale)
         self.canonical_level = int(canonical_level)
 
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-
+    def pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        """RoIAlign (or RoIPool) of ``rois [R, 5]`` on one map of the given ``scale``."""
         size = (self.output_size, self.output_size)
         if self.mode == "pool":
             return roi_pool(feature, rois, size, scale)
         return roi_align(feature, rois, size, scale, self.sampling_ratio)
 
-    def forward(self, features: Sequence[Tensor], rois: Tensor, image_sizes: Sequence[Size]):
+    def forward(self, features: Sequence[Tensor], rois: Tensor, image_shape: Size) -> Tensor:
+        """``[R, C, s, s]`` for ``rois [R, 5]`` on a batch of padded ``image_shape`` (h, w)."""
         maps = list(features) if self.levels is None else [features[i] for i in self.levels]
-        largest = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-        scales = [2.0 ** round(math.log2(m.shape[-2] / largest[0])) for m in maps]
+        scales = [2.0 ** round(math.log2(m.shape[-2] / image_shape[0])) for m in maps]
         rois = rois.to(maps[0].dtype)
         if len(maps) == 1:
-            return self._pool(maps[0], rois, scales[0])
+            return self.pool(maps[0], rois, scales[0])
         k_min, k_max = -math.log2(scales[0]), -math.log2(scales[-1])
         size = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
         level = torch.floor(
             self.canonical_level + torch.log2(size / self.canonical_scale) + 1e-6
         ).clamp(min=int(k_min), max=int(k_max))
         level = level.to(torch.int64) - int(k_min)
-        out = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))
+        out = maps[0].new_zeros(
+            (rois.shape[0], maps[0].shape[1], self.output_size, self.output_size)
+        )
         for i, (feature, scale) in enumerate(zip(maps, scales, strict=True)):
             idx = torch.where(level == i)[0]
-            out[idx] = self._pool(feature, rois[idx], scale).to(out.dtype)
+            out[idx] = self.pool(feature, rois[idx], scale).to(out.dtype)
         return out
 
 
 class TwoMLPHead(nn.Module):
-    """Flatten then two fully connected layers with ReLU (fc6, fc7)."""
+    """Flatten the pooled ``[R, in_channels, resolution, resolution]`` features, then two fully
+    connected layers with ReLU (fc6, fc7)."""
 
-    def __init__(self, in_channels: int, representation_size: int = 1024) -> None:
+    def __init__(self, in_channels: int, resolution: int = 7, representation_size: int = 1024):
         super().__init__()
-        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc6 = nn.Linear(int(in_channels) * int(resolution) ** 2, representation_size)
         self.fc7 = nn.Linear(representation_size, representation_size)
+        self.out_channels = int(representation_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
 
 
 class FastRCNNPredictor(nn.Module):
-    """Class logits over ``num_classes`` (background included) and per-class box deltas."""
+    """Class logits over ``num_classes + 1`` (background added here, at index 0) and
+    class-specific box deltas."""
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        self.cls_score = nn.Linear(in_channels, num_classes)
-        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        if int(num_classes) < 1:
+            raise ValueError(f"FastRCNNPredictor: num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.cls_score = nn.Linear(in_channels, self.num_classes + 1)
+        self.bbox_pred = nn.Linear(in_channels, (self.num_classes + 1) * 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(1)
@@ -108,86 +116,97 @@ class FastRCNNPredictor(nn.Module):
 
 
 class RoIHeads(nn.Module):
-    """Sampling, box head, losses and per-class post-processing of the second stage.
+    """Sampling, box head, losses and per-class selection of the second stage.
 
     Args:
         box_pooler: :class:`RoIPooler`.
-        box_head: e.g. :class:`TwoMLPHead`; ``None`` lets the detector build one.
-        box_predictor: :class:`FastRCNNPredictor` over ``C + 1``; ``None`` likewise.
-        matcher: ``Matcher(0.5, 0.5, False)``; sampler: ``BalancedPositiveNegativeSampler(512,
-            0.25)``; box_coder: ``DeltaXYWHCoder((10, 10, 5, 5))``.
-        representation_size: width of the default box head.
-        score_thresh, nms_thresh, detections_per_img, min_size: inference.
+        box_head: e.g. :class:`TwoMLPHead`.
+        box_predictor: :class:`FastRCNNPredictor` (background added inside it).
+        matcher: e.g. ``Matcher(0.5, 0.5, False)``; sampler: e.g.
+            ``BalancedPositiveNegativeSampler(512, 0.25)``; box_coder: e.g.
+            ``DeltaXYWHCoder((10, 10, 5, 5))``.
+        score_threshold, nms_threshold, detections_per_image, min_size: inference.
         add_gt_as_proposals: append ground truth to the proposals when training.
         smooth_l1_beta: transition of the box loss (1/9 as torchvision).
     """
 
     def __init__(
         self,
-        box_pooler: RoIPooler | None = None,
-        box_head: nn.Module | None = None,
-        box_predictor: nn.Module | None = None,
-        matcher: object | None = None,
-        sampler: object | None = None,
-        box_coder: object | None = None,
-        representation_size: int = 1024,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
+        box_pooler: RoIPooler,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        matcher: object,
+        sampler: object,
+        box_coder: object,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.5,
+        detections_per_image: int = 100,
         min_size: float = 1e-2,
         add_gt_as_proposals: bool = True,
         smooth_l1_beta: float = 1.0 / 9,
     ) -> None:
         super().__init__()
-
-        self.box_pooler = box_pooler if box_pooler is not None else RoIPooler()
+        self.box_pooler = box_pooler
         self.box_head = box_head
         self.box_predictor = box_predictor
-        self.matcher = matcher if matcher is not None else Matcher(0.5, 0.5, False)
-        self.sampler = (
-            sampler if sampler is not None else BalancedPositiveNegativeSampler(512, 0.25)
-        )
-        self.box_coder = box_coder if box_coder is not None else DeltaXYWHCoder((10, 10, 5, 5))
-        self.representation_size = int(representation_size)
-        self.score_thresh = float(score_thresh)
-        self.nms_thresh = float(nms_thresh)
-        self.detections_per_img = int(detections_per_img)
+        self.matcher = matcher
+        self.sampler = sampler
+        self.box_coder = box_coder
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        self.detections_per_image = int(detections_per_image)
         self.min_size = float(min_size)
         self.add_gt_as_proposals = bool(add_gt_as_proposals)
         self.smooth_l1_beta = float(smooth_l1_beta)
 
-    def build(self, in_channels: int, num_classes: int) -> None:
-        """Create the default box head / predictor for ``num_classes`` object classes."""
-        if self.box_head is None:
-            flat = in_channels * self.box_pooler.output_size**2
-            self.box_head = TwoMLPHead(flat, self.representation_size)
-        if self.box_predictor is None:
-            self.box_predictor = FastRCNNPredictor(self.representation_size, num_classes + 1)
-
-    def predict(self, features: Sequence[Tensor], rois: Tensor, image_sizes: Sequence[Size]):
-        pooled = self.box_pooler(features, rois, image_sizes)
+    def predict(self, features: Sequence[Tensor], rois: Tensor, image_shape: Size):
+        """Class logits ``[R, C + 1]`` and class-specific deltas ``[R, (C + 1) * 4]``."""
+        pooled = self.box_pooler(features, rois, image_shape)
         return self.box_predictor(self.box_head(pooled))
 
-    def forward(
+    # ----- inference ------------------------------------------------------------------
+    def candidates(
         self,
         features: Sequence[Tensor],
-        proposals: Sequence[Tensor],
-        image_sizes: Sequence[Size],
-        gt: PaddedTargets | None = None,
-        want_detections: bool = True,
-    ) -> tuple[Detections | None, dict[str, Tensor]]:
-        """Detections (labels ``0..C-1``) when asked and, with ``gt``, the head losses."""
-        losses: dict[str, Tensor] = {}
-        if gt is not None:
-            losses = self.loss(features, proposals, image_sizes, gt)
-        detections = None
-        if want_detections:
-            rois = _to_rois(proposals)
-            logits, deltas = self.predict(features, rois, image_sizes)
-            counts = [len(p) for p in proposals]
-            detections = self.postprocess(logits, deltas, rois, counts, image_sizes)
-        return detections, losses
+        proposals: Tensor,
+        num_proposals: Tensor,
+        image_shape: Size,
+        image_sizes: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Class-specific boxes ``[B, K, C, 4]`` (decoded, clipped to each image) and scores
+        ``[B, K, C]`` (softmax without background; 0 for padded proposal slots) of the padded
+        ``proposals [B, K, 4]``. Only the real proposals go through the box head."""
+        batch, slots = proposals.shape[:2]
+        real = torch.arange(slots, device=proposals.device)[None, :] < num_proposals[:, None]
+        b_idx, k_idx = real.nonzero(as_tuple=True)
+        rois = torch.cat([b_idx[:, None].to(proposals.dtype), proposals[b_idx, k_idx]], dim=1)
+        logits, deltas = self.predict(features, rois, image_shape)
+        num_cls = logits.shape[-1]  # C + 1, background first
+        boxes = self.box_coder.decode(
+            rois[:, None, 1:].float(), deltas.float().view(-1, num_cls, 4)
+        )
+        boxes = clip_boxes(boxes[:, 1:], image_sizes[b_idx])
+        scores = F.softmax(logits.float(), -1)[:, 1:]
+        out_boxes = boxes.new_zeros((batch, slots, num_cls - 1, 4))
+        out_scores = scores.new_zeros((batch, slots, num_cls - 1))
+        out_boxes[b_idx, k_idx] = boxes
+        out_scores[b_idx, k_idx] = scores
+        return out_boxes, out_scores
 
+    def select(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Small boxes out, then ``multiclass_nms`` on class-specific boxes (padded outputs)."""
+        scores = torch.where(large_enough(boxes, self.min_size), scores, -1.0)
+        return multiclass_nms(boxes, scores, **self.nms_settings())
+
+    def nms_settings(self) -> dict:
+        """The selection's settings, as ``multiclass_nms`` takes them."""
+        return {
+            "score_threshold": self.score_threshold,
+            "iou_threshold": self.nms_threshold,
+            "max_detections": self.detections_per_image,
+        }
+
+    # ----- training -------------------------------------------------------------------
     def sample(self, proposals: Sequence[Tensor], gt: PaddedTargets):
         """Sampled RoIs ``[R, 5]``, class targets ``[R]`` (0 = background) and box targets
         ``[R, 4]`` (zeros for background), batched over images."""
@@ -215,14 +234,16 @@ class RoIHeads(nn.Module):
         else:
             classes = torch.zeros_like(b_idx)
             matched = rois[:, 1:]
-        targets = self.box_coder.encode(matched[is_pos], rois[is_pos, 1:])
+        targets = self.box_coder.encode(rois[is_pos, 1:], matched[is_pos])
         return rois, classes, targets
 
-    def loss(self, features, proposals, image_sizes, gt: PaddedTargets) -> dict[str, Tensor]:
+    def loss(
+        self, features, proposals: Sequence[Tensor], image_shape: Size, gt: PaddedTargets
+    ) -> dict[str, Tensor]:
         """``classification`` (CE over sampled RoIs) and ``box_regression`` (smooth L1 of the
         true class's deltas over positives, divided by the number of sampled RoIs)."""
         rois, classes, targets = self.sample(proposals, gt)
-        logits, deltas = self.predict(features, rois, image_sizes)
+        logits, deltas = self.predict(features, rois, image_shape)
         if len(rois) == 0:
             zero = logits.sum() * 0.0 + deltas.sum() * 0.0
             return {"classification": zero, "box_regression": zero}
@@ -233,38 +254,3 @@ class RoIHeads(nn.Module):
             pos_deltas.float(), targets, beta=self.smooth_l1_beta, reduction="sum"
         ) / len(rois)
         return {"classification": cls_loss, "box_regression": box_loss}
-
-    @torch.no_grad()
-    def postprocess(
-        self,
-        logits: Tensor,
-        deltas: Tensor,
-        rois: Tensor,
-        counts: Sequence[int],
-        image_sizes: Sequence[Size],
-    ) -> Detections:
-        """Softmax, per-class decoding, clip, threshold, small-box removal, NMS per class."""
-
-        num_cls = logits.shape[-1]
-        boxes = self.box_coder.decode(
-            deltas.float().view(len(rois), num_cls, 4), rois[:, None, 1:].float()
-        )
-        scores = F.softmax(logits.float(), -1)
-        out = []
-        for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True):
-            b = clip_boxes(b, size)[:, 1:].reshape(-1, 4)
-            labels = torch.arange(num_cls - 1, device=s.device).repeat(len(s))
-            s = s[:, 1:].reshape(-1)
-            keep = torch.where(s > self.score_thresh)[0]
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = remove_small_boxes(b, self.min_size)
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = batched_nms(b, s, labels, self.nms_thresh)[: self.detections_per_img]
-            out.append({"boxes": b[keep], "scores": s[keep], "labels": labels[keep]})
-        return out
-
-
-def _to_rois(boxes: Sequence[Tensor]) -> Tensor:
-    """Per-image ``[K, 4]`` boxes as one ``[R, 5]`` tensor with the image index first."""
-    ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
-    return torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)

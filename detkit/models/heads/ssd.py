@@ -4,9 +4,18 @@ default boxes at a location, ``C + 1`` class logits (background first) and 4 box
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class SSDOutput(NamedTuple):
+    """SSD predictions for every default box, in prior order."""
+
+    class_logits: Tensor  # [B, P, C + 1], background first
+    box: Tensor  # [B, P, 4] offsets for the box coder
 
 
 class SSDHead(nn.Module):
@@ -34,6 +43,8 @@ class SSDHead(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
+        self.in_channels = [int(c) for c in in_channels]
+        self.num_anchors = [int(a) for a in num_anchors]
         self.num_columns = self.num_classes + 1 + 4
         self.predictors = nn.ModuleList(
             nn.Conv2d(c, a * self.num_columns, kernel_size=3, padding=1)
@@ -43,8 +54,8 @@ class SSDHead(nn.Module):
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Returns ``cls_logits [B, P, C + 1]`` and ``box_deltas [B, P, 4]``."""
+    def forward(self, features: Sequence[Tensor]) -> SSDOutput:
+        """``class_logits [B, P, C + 1]`` and box offsets ``[B, P, 4]``."""
         if len(features) != len(self.predictors):
             raise ValueError(
                 f"SSDHead expects {len(self.predictors)} feature maps, got {len(features)}"
@@ -55,4 +66,9 @@ class SSDHead(nn.Module):
             batch = y.shape[0]
             outputs.append(y.permute(0, 2, 3, 1).reshape(batch, -1, self.num_columns))
         out = torch.cat(outputs, dim=1)
-        return out[..., : self.num_classes + 1], out[..., self.num_classes + 1 :]
+        return SSDOutput(out[..., : self.num_classes + 1], out[..., self.num_classes + 1 :])
+
+    @staticmethod
+    def scores(outputs: SSDOutput) -> Tensor:
+        """Class scores ``[B, P, C]``: softmax over ``C + 1`` without the background column."""
+        return F.softmax(outputs.class_logits.float(), dim=-1)[..., 1:]

@@ -1,8 +1,9 @@
-"""YOLO heads: the raw predictions of each version and their decoding into boxes and scores.
+"""YOLO heads: the raw predictions of each version and how they become class scores.
 
-A head is ``head(features) -> raw`` plus ``head.decode(raw, image_size) -> (boxes [B, N, 4]
-xyxy pixels, scores [B, N, C])``; the matching loss in :mod:`detkit.models.yolo_losses` reads
-the same ``raw`` and the head's geometry (grid, priors, coder).
+A head is ``head(features) -> outputs`` (a named tuple whose ``box`` field is what the box
+coder decodes) plus ``head.scores(outputs) -> [B, ..., C]`` class-specific confidences. Boxes
+are decoded by the detector's box coder against its prior generator's reference, and the loss
+receives the same outputs, reference and coder: heads hold no priors, grid or coder.
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ from detkit.models.backbones.darknet import ConvBNAct
 class YOLOv1Output(NamedTuple):
     """YOLOv1 predictions of an S x S grid with K boxes per cell (activations applied)."""
 
-    codes: Tensor  # [B, S, S, K, 4]: x, y in the cell, sqrt(w / W), sqrt(h / H), all in (0, 1)
+    box: Tensor  # [B, S, S, K, 4]: x, y in the cell, sqrt(w / W), sqrt(h / H), all in (0, 1)
     confidence: Tensor  # [B, S, S, K] in (0, 1): Pr(object) * IoU
     class_prob: Tensor  # [B, S, S, C]: Pr(class | object), sums to 1 per cell
+
+
+class YOLOv3Output(NamedTuple):
+    """YOLOv3 logits of every prior (views into one ``[B, P, 5 + C]`` tensor)."""
+
+    box: Tensor  # [B, P, 4]: t_x, t_y, t_w, t_h
+    objectness: Tensor  # [B, P]
+    class_logits: Tensor  # [B, P, C]
 
 
 class YOLOv1Head(nn.Module):
@@ -33,15 +42,15 @@ class YOLOv1Head(nn.Module):
     ``downsample=False`` keeps the backbone's stride (e.g. a 4x4 grid at 128 px). A larger map
     is average-pooled to ``grid_size`` so the grid is always S x S; a smaller one is an error,
     since stretching it would give neighbouring cells the same features (they could not tell
-    their objects apart). The paper's outputs
-    are linear; here x, y, sqrt w, sqrt h and the confidence pass through a sigmoid (their
-    targets lie in [0, 1]) and the class scores through a softmax, which keeps the
-    sum-squared loss from diverging early in training without changing its targets.
+    their objects apart). The paper's outputs are linear; here x, y, sqrt w, sqrt h and the
+    confidence pass through a sigmoid (their targets lie in [0, 1]) and the class scores
+    through a softmax, which keeps the sum-squared loss from diverging early in training
+    without changing its targets.
 
     Args:
         in_channels: channels of the backbone map (an int, or a list whose last entry is used).
         num_classes: object classes C.
-        grid_size: S.
+        grid_size: S (the same as the detector's :class:`~detkit.matching.YOLOv1Grid`).
         num_boxes: K, box predictors per cell (B = 2 in the paper).
         hidden: channels of the head's conv layers.
         downsample: whether the middle conv has stride 2.
@@ -64,10 +73,7 @@ class YOLOv1Head(nn.Module):
                 f"YOLOv1Head: num_classes ({num_classes}), grid_size ({grid_size}) and "
                 f"num_boxes ({num_boxes}) must be >= 1"
             )
-        from detkit.matching import YOLOv1Coder
-
         self.num_classes, self.grid_size, self.num_boxes = num_classes, grid_size, num_boxes
-        self.coder = YOLOv1Coder(grid_size)
         self.convs = nn.Sequential(
             ConvBNAct(in_channels, hidden, 3),
             ConvBNAct(hidden, hidden, 3, stride=2 if downsample else 1),
@@ -93,25 +99,10 @@ class YOLOv1Head(nn.Module):
         boxes = y[..., : 5 * k].reshape(*y.shape[:3], k, 5).sigmoid()
         return YOLOv1Output(boxes[..., :4], boxes[..., 4], y[..., 5 * k :].softmax(dim=-1))
 
-    def cell_xy(self, device: torch.device | None = None) -> Tensor:
-        """(col, row) of every cell, ``[S, S, 1, 2]`` (broadcasts over the K predictors)."""
-        rows, cols = torch.meshgrid(
-            torch.arange(self.grid_size, device=device),
-            torch.arange(self.grid_size, device=device),
-            indexing="ij",
-        )
-        return torch.stack((cols, rows), dim=-1).float()[:, :, None, :]
-
-    def decode_boxes(self, raw: YOLOv1Output, image_size: Sequence[int]) -> Tensor:
-        """Predicted boxes ``[B, S, S, K, 4]`` xyxy pixels."""
-        return self.coder.decode(raw.codes, self.cell_xy(raw.codes.device), image_size)
-
-    def decode(self, raw: YOLOv1Output, image_size: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """``boxes [B, S*S*K, 4]`` and class-specific confidences ``Pr(class) * conf``."""
-        batch = raw.codes.shape[0]
-        boxes = self.decode_boxes(raw, image_size).reshape(batch, -1, 4)
-        scores = raw.class_prob[:, :, :, None, :] * raw.confidence[..., None]
-        return boxes, scores.reshape(batch, -1, self.num_classes)
+    @staticmethod
+    def scores(outputs: YOLOv1Output) -> Tensor:
+        """Class-specific confidences ``Pr(class) * conf``, ``[B, S, S, K, C]``."""
+        return outputs.class_prob[:, :, :, None, :] * outputs.confidence[..., None]
 
 
 class YOLOv3Head(nn.Module):
@@ -122,10 +113,10 @@ class YOLOv3Head(nn.Module):
     :class:`detkit.matching.YOLOPriors`.
 
     Args:
-        in_channels: channels of each scale's map (finest first), e.g. ``neck.out_channels``.
+        in_channels: channels of each scale's map (finest first), e.g. the neck's.
+        num_anchors: anchors per location of each scale (the priors'
+            ``num_anchors_per_location()``).
         num_classes: object classes C (sigmoid per class, no background).
-        priors: :class:`detkit.matching.YOLOPriors` (anchors and strides of each scale).
-        coder: :class:`detkit.matching.YOLOv3Coder` (default one if None).
         prior_prob: initial objectness and class probability (bias init, as RetinaNet), so
             the thousands of empty cells do not swamp the first updates.
     """
@@ -133,40 +124,33 @@ class YOLOv3Head(nn.Module):
     def __init__(
         self,
         in_channels: Sequence[int],
+        num_anchors: Sequence[int],
         num_classes: int,
-        priors: object | None = None,
-        coder: object | None = None,
         prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
-        from detkit.matching import YOLOPriors, YOLOv3Coder
-
-        self.priors = priors if priors is not None else YOLOPriors()
-        self.coder = coder if coder is not None else YOLOv3Coder()
-        num_anchors = self.priors.num_anchors_per_location()
         if len(in_channels) != len(num_anchors):
             raise ValueError(
-                f"YOLOv3Head got {len(in_channels)} feature maps (in_channels) but the priors "
-                f"have {len(num_anchors)} scales (strides {self.priors.strides})"
+                f"YOLOv3Head got {len(in_channels)} feature maps (in_channels) but "
+                f"{len(num_anchors)} anchor counts (num_anchors)"
             )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
+        self.num_anchors = [int(a) for a in num_anchors]
         self.num_columns = 5 + self.num_classes
         self.predictors = nn.ModuleList(
             nn.Conv2d(c, a * self.num_columns, 1)
-            for c, a in zip(in_channels, num_anchors, strict=True)
+            for c, a in zip(in_channels, self.num_anchors, strict=True)
         )
         bias_value = -math.log((1 - prior_prob) / prior_prob)
-        for conv, a in zip(self.predictors, num_anchors, strict=True):
+        for conv, a in zip(self.predictors, self.num_anchors, strict=True):
             nn.init.normal_(conv.weight, std=0.01)
             bias = torch.zeros(a, self.num_columns)
             bias[:, 4:] = bias_value
             conv.bias.data.copy_(bias.view(-1))
-        self._grids: dict[tuple, object] = {}
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        """Raw logits ``[B, P, 5 + C]`` in prior order."""
+    def forward(self, features: Sequence[Tensor]) -> YOLOv3Output:
         if len(features) != len(self.predictors):
             raise ValueError(
                 f"YOLOv3Head expects {len(self.predictors)} feature maps, got {len(features)}"
@@ -178,27 +162,12 @@ class YOLOv3Head(nn.Module):
             # [B, A*(5+C), H, W] -> [B, H, W, A, 5+C] -> [B, H*W*A, 5+C]
             y = y.view(batch, -1, self.num_columns, h, w).permute(0, 3, 4, 1, 2)
             outputs.append(y.reshape(batch, -1, self.num_columns))
-        return torch.cat(outputs, dim=1)
+        raw = torch.cat(outputs, dim=1)
+        return YOLOv3Output(raw[..., :4], raw[..., 4], raw[..., 5:])
 
-    def grid(self, image_size: Sequence[int], device: torch.device) -> object:
-        """The priors' :class:`~detkit.matching.YOLOGrid` for this image size, cached."""
-        key = (tuple(int(v) for v in image_size), str(device))
-        if key not in self._grids:
-            self._grids[key] = self.priors.grid(key[0], device=device)
-        return self._grids[key]
-
-    def decode_boxes(self, raw: Tensor, image_size: Sequence[int]) -> Tensor:
-        """Predicted boxes ``[B, P, 4]`` xyxy pixels."""
-        g = self.grid(image_size, raw.device)
-        if g.stride.shape[0] != raw.shape[1]:
-            raise ValueError(
-                f"the head predicts {raw.shape[1]} boxes but the priors describe "
-                f"{g.stride.shape[0]} for image size {tuple(image_size)}: do the backbone "
-                f"strides match the priors' strides {self.priors.strides}?"
-            )
-        return self.coder.decode(raw[..., :4].float(), g.grid_xy, g.anchor_wh, g.stride)
-
-    def decode(self, raw: Tensor, image_size: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """``boxes [B, P, 4]`` and ``scores = sigmoid(objectness) * sigmoid(class) [B, P, C]``."""
-        scores = raw[..., 4:5].float().sigmoid() * raw[..., 5:].float().sigmoid()
-        return self.decode_boxes(raw, image_size), scores
+    @staticmethod
+    def scores(outputs: YOLOv3Output) -> Tensor:
+        """``sigmoid(objectness) * sigmoid(class) [B, P, C]``."""
+        return (
+            outputs.objectness.float().sigmoid()[..., None] * outputs.class_logits.float().sigmoid()
+        )

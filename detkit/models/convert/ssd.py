@@ -1,4 +1,4 @@
-"""Moving weights from torchvision's ``ssd300_vgg16`` into a detkit :class:`SSD`.
+"""Moving weights from torchvision's ``ssd300_vgg16`` into a detkit SSD.
 
 Our VGG16 backbone mirrors torchvision's module names (only the L2Norm scale is renamed); the
 head fuses torchvision's separate classification/regression convs into one conv per level,
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from detkit.matching import DefaultBoxGenerator, DeltaXYWHCoder, HardNegativeSampler, SSDMatcher
 from detkit.models.backbones.vgg import VGG16Backbone
-
-if TYPE_CHECKING:
-    from detkit.models.detectors.ssd import SSD
+from detkit.models.heads.ssd import SSDHead
+from detkit.models.losses import MultiBoxLoss
 
 
 def _check_torchvision_ssd(model: nn.Module) -> None:
@@ -37,29 +35,35 @@ def _check_torchvision_ssd(model: nn.Module) -> None:
         raise ValueError(f"expected torchvision's SSDHead, got {type(model.head).__name__}")
 
 
-def ssd_from_torchvision(cls: type[SSD], model: nn.Module) -> SSD:
-    """Build ``cls`` (detkit SSD) with the configuration and weights of ``model``."""
+def ssd_from_torchvision(cls: type, model: nn.Module) -> nn.Module:
+    """Build ``cls`` (detkit's SSD) with the configuration and weights of ``model``."""
 
     _check_torchvision_ssd(model)
     anchors = model.anchor_generator
     fixed_w, fixed_h = model.transform.fixed_size  # torchvision stores (w, h)
+    num_classes = model.head.classification_head.num_columns - 1
+    prior_generator = DefaultBoxGenerator(
+        [list(r) for r in anchors.aspect_ratios],
+        scales=list(anchors.scales),
+        steps=None if anchors.steps is None else list(anchors.steps),
+        clip=anchors.clip,
+    )
+    backbone = VGG16Backbone()
     ours = cls(
-        VGG16Backbone(),
-        num_classes=model.head.classification_head.num_columns - 1,
-        image_size=(fixed_h, fixed_w),
-        prior_generator=DefaultBoxGenerator(
-            [list(r) for r in anchors.aspect_ratios],
-            scales=list(anchors.scales),
-            steps=None if anchors.steps is None else list(anchors.steps),
-            clip=anchors.clip,
+        backbone,
+        SSDHead(backbone.out_channels, prior_generator.num_anchors_per_location(), num_classes),
+        prior_generator,
+        DeltaXYWHCoder(tuple(model.box_coder.weights), model.box_coder.bbox_xform_clip),
+        MultiBoxLoss(
+            SSDMatcher(model.proposal_matcher.high_threshold),
+            HardNegativeSampler(model.neg_to_pos_ratio),
         ),
-        matcher=SSDMatcher(model.proposal_matcher.high_threshold),
-        box_coder=DeltaXYWHCoder(tuple(model.box_coder.weights), model.box_coder.bbox_xform_clip),
-        negative_sampler=HardNegativeSampler(model.neg_to_pos_ratio),
+        num_classes=num_classes,
+        image_size=(fixed_h, fixed_w),
         score_threshold=model.score_thresh,
         nms_threshold=model.nms_thresh,
         detections_per_image=model.detections_per_img,
-        topk_candidates=model.topk_candidates,
+        topk_candidates_per_class=model.topk_candidates,
         image_mean=model.transform.image_mean,
         image_std=model.transform.image_std,
     )
@@ -136,7 +140,7 @@ def _fuse(
 
 
 @torch.no_grad()
-def load_torchvision_ssd_weights(model: SSD, pretrained: str) -> None:
+def load_ssd_torchvision_weights(model: nn.Module, pretrained: str) -> None:
     """``pretrained="torchvision"``: download torchvision's COCO ssd300_vgg16 and copy it in.
 
     The backbone and the box regressors are always copied, and the images are normalised the

@@ -11,7 +11,7 @@ from torchvision.models.detection import (
 )
 
 from detkit.config import compose_config
-from detkit.models.torchvision_convert import coco_classifier_rows
+from detkit.models.convert import coco_classifier_rows
 
 # COCO 2017's category ids (from its annotation files, not from torchvision): 1..90 without
 # the ten ids no category uses. detkit's COCO loader gives label l to the l-th of them.

@@ -1,4 +1,5 @@
-"""Triton kernels for fused prior matching: match statistics without the IoU matrix.
+"""Triton kernels for fused prior matching: match statistics without the IoU matrix (the
+matching layer's own kernel; the box ops' kernels live in :mod:`detkit.ops.kernels`).
 
 One program handles ``BLOCK_P`` priors of one image and walks the image's ground truth in
 blocks of ``BLOCK_M``, keeping the running best IoU / first argmax per prior in registers.

@@ -1,4 +1,7 @@
-"""``detkit export``: a checkpoint to ``model.onnx`` + ``model.json`` in the run directory."""
+"""``detkit export``: a checkpoint to ``model.onnx`` + ``model.json`` in the run directory.
+
+The engine rebuilds the detector from its checkpoint; :mod:`detkit.export` (a layer below)
+wraps and exports the model it is given."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from detkit.engine.checkpoint import load_detector
 from detkit.errors import UserError
 from detkit.export.onnx import ExportResult, export_onnx
 
@@ -29,8 +33,6 @@ def export_checkpoint(
     the checkpoint's config, so the exported model can be used by ``detkit predict`` and
     ``detkit eval`` without the PyTorch model code.
     """
-    from detkit.engine.checkpoint import load_detector
-
     if str(format).lower() not in FORMATS:
         raise UserError(f"format={format!r} is not supported; choose one of {list(FORMATS)}")
     if ckpt is None:

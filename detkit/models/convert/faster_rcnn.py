@@ -7,8 +7,6 @@ state dict loads as it is; only the normalisation buffers are ours.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from detkit.matching import (
@@ -18,11 +16,8 @@ from detkit.matching import (
     Matcher,
 )
 from detkit.models.backbones.rcnn_backbones import MobileNetV3FPNBackbone, ResNetFPNBackbone
-from detkit.models.heads.roi_heads import RoIHeads, RoIPooler
-from detkit.models.heads.rpn import RegionProposalNetwork
-
-if TYPE_CHECKING:
-    from detkit.models.detectors.faster_rcnn import FasterRCNN
+from detkit.models.heads.roi_heads import FastRCNNPredictor, RoIHeads, RoIPooler, TwoMLPHead
+from detkit.models.heads.rpn import RegionProposalNetwork, RPNHead
 
 
 def _backbone_from_torchvision(backbone: nn.Module) -> nn.Module:
@@ -49,8 +44,8 @@ def _backbone_from_torchvision(backbone: nn.Module) -> nn.Module:
     raise ValueError(f"unsupported torchvision backbone body {type(body).__name__}")
 
 
-def faster_rcnn_from_torchvision(cls: type[FasterRCNN], model: nn.Module) -> FasterRCNN:
-    """``cls`` (detkit FasterRCNN) with ``model``'s settings and weights."""
+def faster_rcnn_from_torchvision(cls: type, model: nn.Module) -> nn.Module:
+    """``cls`` (detkit's FasterRCNN) with ``model``'s settings and weights."""
     from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 
     if not isinstance(model, TorchvisionFasterRCNN):
@@ -66,34 +61,39 @@ def faster_rcnn_from_torchvision(cls: type[FasterRCNN], model: nn.Module) -> Fas
     def coder(c):
         return DeltaXYWHCoder(tuple(c.weights), c.bbox_xform_clip)
 
+    backbone = _backbone_from_torchvision(model.backbone)
+    anchors = AnchorGenerator(rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios)
+    width = backbone.out_channels[0]
     our_rpn = RegionProposalNetwork(
-        AnchorGenerator(rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios),
+        anchors,
+        RPNHead(width, anchors.num_anchors_per_location()[0], len(rpn.head.conv)),
         matcher=matcher(rpn.proposal_matcher),
         sampler=sampler(rpn.fg_bg_sampler),
         box_coder=coder(rpn.box_coder),
-        pre_nms_top_n_train=rpn._pre_nms_top_n["training"],
-        post_nms_top_n_train=rpn._post_nms_top_n["training"],
-        pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
-        post_nms_top_n_test=rpn._post_nms_top_n["testing"],
-        nms_thresh=rpn.nms_thresh,
-        score_thresh=rpn.score_thresh,
+        topk_candidates_per_level_train=rpn._pre_nms_top_n["training"],
+        proposals_per_image_train=rpn._post_nms_top_n["training"],
+        topk_candidates_per_level_test=rpn._pre_nms_top_n["testing"],
+        proposals_per_image_test=rpn._post_nms_top_n["testing"],
+        nms_threshold=rpn.nms_thresh,
+        score_threshold=rpn.score_thresh,
         min_size=rpn.min_size,
         remove_cross_boundary=False,
     )
-    backbone = _backbone_from_torchvision(model.backbone)
     pool = heads.box_roi_pool
     levels = _level_indices(list(pool.featmap_names), len(backbone.out_channels) - 1)
+    representation = heads.box_head.fc7.out_features
+    num_classes = heads.box_predictor.cls_score.out_features - 1
     our_heads = RoIHeads(
         RoIPooler(pool.output_size[0], pool.sampling_ratio, "align", levels),
+        TwoMLPHead(width, pool.output_size[0], representation),
+        FastRCNNPredictor(representation, num_classes),
         matcher=matcher(heads.proposal_matcher),
         sampler=sampler(heads.fg_bg_sampler),
         box_coder=coder(heads.box_coder),
-        representation_size=heads.box_head.fc7.out_features,
-        score_thresh=heads.score_thresh,
-        nms_thresh=heads.nms_thresh,
-        detections_per_img=heads.detections_per_img,
+        score_threshold=heads.score_thresh,
+        nms_threshold=heads.nms_thresh,
+        detections_per_image=heads.detections_per_img,
     )
-    num_classes = heads.box_predictor.cls_score.out_features - 1
     ours = cls(
         backbone,
         our_rpn,
