@@ -3,7 +3,8 @@
 A tiny dataset of coloured squares and a detector stand-in exercise the engine (training
 loop, checkpoints, resume, metrics) without the cost of a real detector; real detectors have
 their own end-to-end tests. :func:`torchvision_ssd_postprocess` is the reference our
-``multiclass_nms`` is checked and timed against.
+``multiclass_nms`` is checked and timed against. :func:`calibrate_random_weights` makes a
+real detector's random weights give spread-out scores, as trained ones do.
 """
 
 from __future__ import annotations
@@ -221,3 +222,34 @@ def digits_batch(
         images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
         targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes)})
     return torch.stack(images), targets
+
+
+def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
+    """Make a detector's random weights behave like trained ones, for tests and benchmarks of
+    inference: BatchNorm statistics measured on ``batches`` (``[B, 3, H, W]`` images in
+    ``[0, 1]``; with the initial statistics deep activations vanish and every location
+    predicts the same, exactly tied, scores) and YOLO predictors without their 1% prior bias."""
+    for layer in model.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for images in batches:
+            features = model.backbone(model.normalize(images))
+            if hasattr(model, "neck"):
+                model.neck(features)
+    model.eval()
+    if model.family == "yolo":
+        gen = torch.Generator().manual_seed(1)
+        for conv in model.head.predictors:
+            # Box offsets small (a trained model's boxes stay near their anchors), class and
+            # objectness logits of spread ~1.
+            columns = torch.full((model.head.num_columns, 1, 1, 1), 0.3)
+            columns[:4] = 0.01
+            weight = torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5
+            conv.weight.data.copy_(
+                weight * columns.repeat(conv.weight.shape[0] // len(columns), 1, 1, 1)
+            )
+            conv.bias.data.zero_()
+    return model

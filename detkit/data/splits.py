@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import safe_instantiate
@@ -25,8 +27,10 @@ def build_split(config: DictConfig, split: str, transforms: str | None = "eval")
     if datamodule.get(split) is None:
         known = [k for k in SPLITS if datamodule.get(k) is not None]
         raise UserError(f"the data config has no {split!r} split; it has {known}")
-    node = OmegaConf.to_container(datamodule[split], resolve=True)
+    config = copy.deepcopy(config)  # the caller's config stays as it was
+    node = config.data.datamodule[split]
     if "transforms" in node and transforms != "split":
-        eval_transforms = OmegaConf.to_container(config.transforms.eval, resolve=True)
-        node["transforms"] = eval_transforms if transforms == "eval" else None
-    return safe_instantiate(node)
+        # Replaced before resolving: the split's own may name transforms the config does not
+        # hold (an exported model's config has its eval transforms only).
+        node.transforms = config.transforms.eval if transforms == "eval" else None
+    return safe_instantiate(OmegaConf.to_container(node, resolve=True))

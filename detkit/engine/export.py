@@ -29,8 +29,9 @@ def export_checkpoint(
 ) -> ExportResult:
     """Rebuild the detector from ``ckpt`` and export it (see :func:`export_onnx`).
 
-    Class names and the eval transforms come from the checkpoint's config, so the exported
-    model can be used by ``detkit predict`` without the PyTorch model code.
+    Class names, the eval transforms and the dataset (the resolved ``data`` node) come from
+    the checkpoint's config, so the exported model can be used by ``detkit predict`` and
+    ``detkit eval`` without the PyTorch model code.
     """
     if str(format).lower() not in FORMATS:
         raise UserError(f"format={format!r} is not supported; choose one of {list(FORMATS)}")
@@ -59,6 +60,7 @@ def export_checkpoint(
             if transforms is not None and transforms.get("eval") is not None
             else None
         ),
+        data=OmegaConf.to_container(config.data, resolve=True) if config.get("data") else None,
         verify=bool(verify),
         tolerance=float(tolerance),
     )

@@ -1,24 +1,56 @@
-"""Running a detector over a dataset and writing what it found as COCO results."""
+"""Running a detector over a dataset and writing what it found as COCO results.
+
+A detector here is anything called as ``model(images).detections`` with detections in the
+batch's pixels: a PyTorch detector rebuilt from a checkpoint, or an exported ``model.onnx``
+run by ONNX Runtime (:class:`detkit.export.OnnxDetector`); :func:`load_inference_model`
+opens either.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from torch import nn
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from detkit.engine.checkpoint import load_detector
 from detkit.engine.module import to_original_pixels
 from detkit.structures import xyxy_to_xywh
 
 
+def load_inference_model(path: str | Path) -> tuple[object, DictConfig]:
+    """``(detector, config)`` from a checkpoint or an exported ``.onnx`` model (with its
+    sidecar); the config holds what evaluation and prediction read (``transforms.eval``,
+    ``data``)."""
+    if str(path).endswith(".onnx"):
+        from detkit.export.onnx_runtime import load_onnx_detector
+
+        return load_onnx_detector(path)
+    return load_detector(path)
+
+
+def input_device(model) -> torch.device:
+    """Where ``model`` wants its images: its own ``device`` when it names one (an ONNX
+    Runtime detector), else where its parameters live (a PyTorch module)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.inference_mode()
 def run_detector(
-    model: nn.Module, dataset: Dataset, batch_size: int = 8, num_workers: int = 0
+    model, dataset: Dataset, batch_size: int = 8, num_workers: int = 0
 ) -> list[tuple[dict, dict]]:
-    """``(target, detections)`` per image, both in the original image's pixels."""
+    """``(target, detections)`` per image, both in the original image's pixels. ``model`` is
+    a PyTorch detector or an :class:`~detkit.export.OnnxDetector` (see module doc)."""
     from detkit.data import collate
 
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
     )

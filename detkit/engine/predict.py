@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.utils import draw_bounding_boxes
 
 from detkit.config import safe_instantiate
 from detkit.data import boxes_to_original, collate
 from detkit.data.datasets.base import load_rgb
-from detkit.engine.checkpoint import load_detector
+from detkit.engine.draw import draw_detections
+from detkit.engine.inference import load_inference_model
 from detkit.errors import UserError
+from detkit.files import atomic_path, write_json
 
 log = logging.getLogger("detkit")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -49,12 +48,7 @@ def predict_images(
     max_images: int | None = None,
 ) -> list[dict]:
     """Run a checkpoint on images; write ``<name>.png`` with boxes drawn and ``detections.json``."""
-    if str(ckpt).endswith(".onnx"):  # an exported model: ONNX Runtime + its JSON sidecar
-        from detkit.export.onnx_runtime import load_onnx_detector
-
-        model, config = load_onnx_detector(ckpt)
-    else:
-        model, config = load_detector(ckpt)
+    model, config = load_inference_model(ckpt)  # a checkpoint, or model.onnx + its sidecar
     transforms = safe_instantiate(config.transforms.eval, source=str(ckpt))
     class_names = list(config.data.get("class_names") or range(config.data.num_classes))
     files = find_images(source)[:max_images]
@@ -72,7 +66,8 @@ def predict_images(
             scores, labels = det["scores"][keep], det["labels"][keep]
             names = [str(class_names[int(i)]) for i in labels]
             drawn = output_dir / f"{path.stem}.png"
-            _draw(original, boxes, names, scores).save(drawn)
+            with atomic_path(drawn) as tmp:
+                draw_detections(original, boxes, labels, names, scores).save(tmp, format="PNG")
             written.append(
                 {
                     "file": str(path),
@@ -85,7 +80,7 @@ def predict_images(
                     ],
                 }
             )
-    (output_dir / "detections.json").write_text(json.dumps(written, indent=1))
+    write_json(output_dir / "detections.json", written, indent=1)
     log.info("drew detections on %d images in %s", len(written), output_dir)
     return written
 
@@ -95,15 +90,3 @@ def _prepare(transforms, image: np.ndarray) -> torch.Tensor:
     no_boxes = np.zeros((0, 4), np.float32)
     tensor, _, _ = transforms(image, no_boxes, np.zeros(0, np.int64), extra=[])
     return tensor
-
-
-def _draw(
-    image: np.ndarray, boxes: torch.Tensor, names: list[str], scores: torch.Tensor
-) -> Image.Image:
-    if len(boxes) == 0:
-        return Image.fromarray(image)
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    labels = [f"{name} {score:.2f}" for name, score in zip(names, scores.tolist(), strict=True)]
-    width = max(1, round(max(image.shape[:2]) / 200))
-    drawn = draw_bounding_boxes(pixels, boxes, labels=labels, colors="red", width=width)
-    return Image.fromarray(drawn.permute(1, 2, 0).numpy())

@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from detkit.allowlist import checked
 from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
 from detkit.data.splits import build_split
-from detkit.engine.checkpoint import check_resume_checkpoint, load_detector
+from detkit.engine.checkpoint import check_resume_checkpoint
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
-from detkit.engine.inference import coco_results, run_detector
+from detkit.engine.inference import coco_results, load_inference_model, run_detector
 from detkit.engine.module import DetectionModule
 from detkit.errors import UserError
 from detkit.files import write_json
@@ -108,7 +108,10 @@ def evaluate(cfg: DictConfig) -> dict:
             plots=cfg.plots,
         )
     if cfg.get("ckpt") is None:
-        raise UserError("say what to evaluate: ckpt=<checkpoint>, or gt=<json> predictions=<json>")
+        raise UserError(
+            "say what to evaluate: ckpt=<checkpoint> (a .ckpt or an exported model.onnx), "
+            "or gt=<json> predictions=<json>"
+        )
     data, paths = cfg.get("data"), None
     if data is not None:
         # The given dataset replaces the checkpoint's; its ${paths.*} are this run's.
@@ -140,6 +143,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Run a checkpoint over a dataset split, write COCO results JSON, then evaluate them.
 
+    ``ckpt`` may also be an exported ``model.onnx``: ONNX Runtime runs it, on the dataset
+    its sidecar records (the checkpoint's, at export) unless ``data`` is given.
     ``data`` replaces the dataset the model was trained on (a ``data`` config group node);
     its interpolations resolve against the checkpoint's config (transforms, model) and
     ``paths`` (the current run's). The dataset's classes must be the model's (the same names
@@ -152,10 +157,12 @@ def evaluate_checkpoint(
     from detkit.eval.command import run as evaluate_files
 
     check_options(protocol, backend)  # before the model runs over the whole split
-    model, config = load_detector(ckpt)
+    model, config = load_inference_model(ckpt)
     names = model_class_names(config)
     if data is not None:
         config = replace_data(config, data, paths)
+    elif config.data.get("datamodule") is None:  # an ONNX model exported without its data
+        raise UserError(f"{ckpt} records no dataset to evaluate on: pass data=<dataset>")
     dataset = build_split(config, split)
     mapping = label_map(int(model.num_classes), names, dataset, ckpt)
     output_dir = Path(output_dir)

@@ -1,7 +1,8 @@
 """Deployment: ONNX export of every detector family and an ONNX Runtime detector.
 
 - :func:`export_onnx` (``model -> model.onnx + model.json``, checked in ONNX Runtime),
-- :class:`OnnxDetector` / :func:`load_onnx_detector` (what ``detkit predict model.onnx`` runs),
+- :class:`OnnxDetector` / :func:`load_onnx_detector` (what ``detkit predict|eval
+  ckpt=model.onnx`` run),
 - :func:`export_wrapper` (the traceable ``images -> tensors`` module of a detector: its own
   ``predict_padded``).
 

@@ -14,7 +14,6 @@ Input convention: ``images`` float32 ``[B, 3, H, W]``, RGB in ``[0, 1]``; the gr
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from detkit.errors import UserError
 from detkit.eval.compare import Comparison, compare_detections
 from detkit.export.verify import ExportCheckError, sample_images
 from detkit.export.wrappers import ExportWrapper, export_wrapper
+from detkit.files import write_json
 from detkit.structures import unpad_detections
 
 log = logging.getLogger("detkit")
@@ -56,6 +56,7 @@ def export_onnx(
     opset: int | None = None,
     class_names: Sequence[str] | None = None,
     transforms: dict | None = None,
+    data: dict | None = None,
     verify: bool = True,
     tolerance: float = 1e-3,
     optimize: bool = True,
@@ -71,6 +72,8 @@ def export_onnx(
         opset: ONNX opset (>= 18), default the exporter's.
         class_names: written to the sidecar (default ``"0".."C-1"``).
         transforms: the eval transform config (``_target_`` dict) for ``detkit predict``.
+        data: the training run's resolved ``data`` config node, so that ``detkit eval
+            ckpt=model.onnx`` evaluates on the model's own dataset without ``data=``.
         verify: run ONNX Runtime and PyTorch on sample images and compare.
         tolerance: largest allowed box (pixels) and score difference.
         optimize: run the exporter's ONNX graph optimiser (constant folding, dead code).
@@ -89,9 +92,8 @@ def export_onnx(
     names = list(class_names) if class_names else [str(i) for i in range(model.num_classes)]
     if len(names) != model.num_classes:
         raise UserError(f"{len(names)} class names for a model of {model.num_classes} classes")
-    sidecar = describe(wrapper, names, dynamic_batch, proto_opset, transforms)
-    sidecar_path = onnx_path.with_suffix(".json")
-    sidecar_path.write_text(json.dumps(sidecar, indent=2))
+    sidecar = describe(wrapper, names, dynamic_batch, proto_opset, transforms, data)
+    sidecar_path = write_json(onnx_path.with_suffix(".json"), sidecar, indent=2)
     log.info("wrote %s and %s", onnx_path, sidecar_path)
     comparison = None
     if verify:
@@ -160,8 +162,10 @@ def describe(
     dynamic_batch: bool,
     opset: int,
     transforms: dict | None,
+    data: dict | None = None,
 ) -> dict:
-    """The sidecar: what the graph expects and returns, for users and ``detkit predict``."""
+    """The sidecar: what the graph expects and returns, for users, ``detkit predict`` and
+    ``detkit eval`` (which also read the eval ``transforms`` and the training ``data``)."""
     model = wrapper.model
     h, w = wrapper.image_size
     batch = "batch" if dynamic_batch else 1
@@ -188,6 +192,7 @@ def describe(
         "outputs": output_layout(wrapper, batch),
         "postprocess": wrapper.nms_settings(),
         "transforms": transforms,
+        "data": data,
     }
 
 

@@ -1,7 +1,8 @@
 """An exported detector run by ONNX Runtime, called like a PyTorch detector.
 
 ``OnnxDetector(path)(images)`` takes a ``[B, 3, h, w]`` batch in ``[0, 1]`` and returns a
-:class:`~detkit.structures.DetectorOutput` whose detections are in the pixels of that batch.
+:class:`~detkit.structures.DetectorOutput` whose detections are in the pixels of that batch,
+as a PyTorch detector's are; ``detkit predict`` and ``detkit eval`` run it in place of one.
 Everything it needs comes from ``model.onnx`` and its ``model.json`` sidecar (no model code):
 images smaller than the graph's fixed input are zero-padded at the bottom/right; larger ones
 are first scaled down to fit (boxes are scaled back). Graphs exported with ``nms=false`` get
@@ -27,8 +28,9 @@ from detkit.structures import DetectorOutput, unpad_detections
 def read_sidecar(onnx_path: str | Path) -> dict:
     """The ``.json`` written next to ``model.onnx`` by ``detkit export``.
 
-    It is data: its ``transforms`` may only name allowed targets (:mod:`detkit.allowlist`) and
-    nothing in it may be an interpolation, as for a checkpoint's config.
+    It is data: its ``transforms`` and ``data`` (the training run's dataset) may only name
+    allowed targets (:mod:`detkit.allowlist`) and nothing in it may be an interpolation, as
+    for a checkpoint's config.
     """
     sidecar = Path(onnx_path).with_suffix(".json")
     if not sidecar.is_file():
@@ -59,9 +61,15 @@ class OnnxDetector:
         self.info = read_sidecar(path)
         self.image_size = tuple(self.info["input"]["image_size"])
         self.class_names = list(self.info["class_names"])
+        self.num_classes = len(self.class_names)
         self.session = ort.InferenceSession(
             str(path), providers=providers or ["CPUExecutionProvider"]
         )
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs are expected: ONNX Runtime reads host memory (any tensor is copied)."""
+        return torch.device("cpu")
 
     def eval(self) -> OnnxDetector:
         """No-op, for code written against ``nn.Module`` detectors."""
@@ -83,16 +91,21 @@ class OnnxDetector:
             det["boxes"] = det["boxes"] / scale
         return DetectorOutput(detections=found)
 
-    def fit(self, images: Tensor) -> tuple[Tensor, float]:
-        """Scale down (if needed) and zero-pad the batch to the graph's input size."""
+    def fit(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch scaled down (if needed) and zero-padded to the graph's input size, and
+        the ``[sx, sy, sx, sy]`` factors that took its pixels there (ones for a batch that
+        fits, so boxes come back unchanged)."""
         height, width = self.image_size
         h, w = images.shape[-2:]
         scale = min(1.0, height / h, width / w)
         if scale < 1.0:
             size = (min(height, round(h * scale)), min(width, round(w * scale)))
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        # Per axis, from the sizes actually reached: rounding makes them differ slightly.
+        sy, sx = images.shape[-2] / h, images.shape[-1] / w
+        factors = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
         h, w = images.shape[-2:]
-        return F.pad(images, (0, width - w, 0, height - h)), scale
+        return F.pad(images, (0, width - w, 0, height - h)), factors
 
     def run_nms(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
         """The NMS a ``nms=false`` graph leaves out, with the exported model's settings."""
@@ -112,19 +125,22 @@ class OnnxDetector:
 
 def load_onnx_detector(path: str | Path) -> tuple[OnnxDetector, DictConfig]:
     """``(detector, config)`` like :func:`detkit.engine.checkpoint.load_detector`: the config
-    holds what ``detkit predict`` reads (``transforms.eval``, ``data.class_names``)."""
+    holds what ``detkit predict`` and ``detkit eval`` read (``transforms.eval``, and ``data``:
+    the training run's dataset node recorded at export, with its ``class_names``).
+
+    Without a recorded dataset (a model exported by :func:`~detkit.export.export_onnx` alone)
+    ``data`` holds only the sidecar's class names: evaluating then needs ``data=``.
+    """
     detector = OnnxDetector(path)
     transforms = detector.info.get("transforms") or {
         "_target_": "detkit.data.transforms.eval_resize",
         "size": list(detector.image_size),
     }
-    config = OmegaConf.create(
-        {
-            "transforms": {"eval": transforms},
-            "data": {
-                "class_names": detector.class_names,
-                "num_classes": len(detector.class_names),
-            },
-        }
-    )
+    data = detector.info.get("data")
+    if not isinstance(data, dict):
+        data = {"class_names": detector.class_names}
+    # The recorded node keeps "class_names" absent when the run read them from its
+    # annotation file: labels are then matched to a dataset's by count, as for the checkpoint.
+    data = {**data, "num_classes": detector.num_classes}
+    config = OmegaConf.create({"transforms": {"eval": transforms}, "data": data})
     return detector, config

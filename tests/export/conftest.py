@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from detkit.config import compose_config
 from detkit.export.verify import sample_images
+from detkit.testing import calibrate_random_weights
 
 SIZE = (256, 256)
 
@@ -21,9 +22,9 @@ def compose_train_config(model: str, overrides: tuple[str, ...] = ()):
     return compose_config("train", [f"model={model}", *overrides])
 
 
-def build_model(model: str):
+def build_model(model: str, overrides: tuple[str, ...] = ()):
     torch.manual_seed(0)
-    cfg = compose_train_config(model)
+    cfg = compose_train_config(model, overrides)
     return instantiate(cfg.model).eval(), cfg
 
 
@@ -33,32 +34,9 @@ def set_score_threshold(model, value: float) -> None:
 
 
 def calibrate(model) -> None:
-    """Make random weights behave like trained ones: BatchNorm statistics measured on sample
-    images (with the initial ones, deep activations vanish and every location predicts the
-    same, exactly tied, scores) and YOLO predictors without their 1% prior bias."""
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-            layer.reset_running_stats()
-            layer.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for seed in range(3):
-            features = model.backbone(model.normalize(sample_images(4, SIZE, seed=50 + seed)))
-            if hasattr(model, "neck"):
-                model.neck(features)
-    model.eval()
-    if model.family == "yolo":
-        gen = torch.Generator().manual_seed(1)
-        for conv in model.head.predictors:
-            # Box offsets small (a trained model's boxes stay near their anchors), class and
-            # objectness logits of spread ~1.
-            columns = torch.full((model.head.num_columns, 1, 1, 1), 0.3)
-            columns[:4] = 0.01
-            weight = torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5
-            conv.weight.data.copy_(
-                weight * columns.repeat(conv.weight.shape[0] // len(columns), 1, 1, 1)
-            )
-            conv.bias.data.zero_()
+    """:func:`detkit.testing.calibrate_random_weights` on sample images of the test size."""
+    batches = [sample_images(4, SIZE, seed=50 + seed) for seed in range(3)]
+    calibrate_random_weights(model, batches)
 
 
 def make_batches(model) -> dict[str, torch.Tensor]:
@@ -90,6 +68,12 @@ def make_batches(model) -> dict[str, torch.Tensor]:
 def tiny_checkpoint(path: Path, model_name: str) -> Path:
     """A Lightning-style checkpoint ``{"state_dict": {"model." + k: v}, "detkit_config"}``."""
     model, cfg = build_model(model_name)
+    return save_checkpoint(path, model, cfg)
+
+
+def save_checkpoint(path: Path, model, cfg) -> Path:
+    """``model`` and its composed ``cfg`` (resolved, paths in ``path``'s folder) as
+    :func:`tiny_checkpoint` writes them."""
     config = OmegaConf.to_container(cfg, resolve=False)
     config["paths"] = {"cache_dir": str(path.parent), "output_dir": str(path.parent)}
     config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
