@@ -57,7 +57,7 @@ def test_ssd300_backbones_swap(backbone, cls):
             features = model.backbone(torch.rand(1, 3, 300, 300))
             logits, _ = model.head(features)
         assert logits.shape == (1, 8732, 11)
-        assert model.priors((300, 300), features).shape == (8732, 4)
+        assert model.reference((300, 300), features).shape == (8732, 4)
 
 
 def test_ssd_digits_config_trains_one_step():
