@@ -1,9 +1,9 @@
 """Running a detector over a dataset and writing what it found as COCO results.
 
-A detector here is anything called as ``model(images).detections`` with detections in the
-batch's pixels: a PyTorch detector rebuilt from a checkpoint, or an exported ``model.onnx``
-run by ONNX Runtime (:class:`detkit.export.OnnxDetector`); :func:`load_inference_model`
-opens either.
+A detector here is anything with the detector contract's ``predict_padded(images,
+image_sizes)`` (detections in the batch's pixels): a PyTorch detector rebuilt from a
+checkpoint, or an exported ``model.onnx`` run by ONNX Runtime
+(:class:`detkit.export.OnnxDetector`); :func:`load_inference_model` opens either.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detkit.engine.checkpoint import load_detector
 from detkit.engine.module import to_original_pixels
-from detkit.structures import xyxy_to_xywh
+from detkit.structures import target_sizes, unpad_detections, xyxy_to_xywh
 
 
 def load_inference_model(path: str | Path) -> tuple[object, DictConfig]:
@@ -56,8 +56,12 @@ def run_detector(
     )
     pairs = []
     for images, targets in loader:
-        detections = model(images.to(device)).detections
-        detections = [{k: v.cpu() for k, v in d.items()} for d in detections]
+        # Each image's boxes clipped to its own size in the padded batch, as in validation.
+        sizes = target_sizes(targets)
+        padded = model.predict_padded(
+            images.to(device), None if sizes is None else sizes.to(device)
+        )
+        detections = [{k: v.cpu() for k, v in d.items()} for d in unpad_detections(*padded)]
         detections, targets = to_original_pixels(detections, targets)
         pairs.extend(zip(targets, detections, strict=True))
     return pairs

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from detkit.config import config_from_file
 from detkit.errors import UserError
+from detkit.ops import clip_boxes
 from detkit.structures import DetectorOutput, unpad_detections
 
 
@@ -75,7 +76,12 @@ class OnnxDetector:
         """No-op, for code written against ``nn.Module`` detectors."""
         return self
 
-    def __call__(self, images: Tensor) -> DetectorOutput:
+    def predict_padded(
+        self, images: Tensor, image_sizes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The detector contract (:mod:`detkit.models.detectors.one_stage`): padded
+        ``(boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B])`` in the pixels
+        of ``images``, boxes clipped to each image's ``image_sizes [B, 2]`` when given."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {list(images.shape)}")
         batch, scale = self.fit(images.float().cpu())
@@ -85,11 +91,14 @@ class OnnxDetector:
             runs = [self.session.run(None, {"images": image[None].numpy()}) for image in batch]
             outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
         tensors = [torch.from_numpy(o) for o in outputs]
-        detections = tensors if self.info["nms"] else self.run_nms(*tensors)
-        found = unpad_detections(*detections)
-        for det in found:
-            det["boxes"] = det["boxes"] / scale
-        return DetectorOutput(detections=found)
+        boxes, scores, labels, num = tensors if self.info["nms"] else self.run_nms(*tensors)
+        boxes = boxes / scale
+        if image_sizes is not None:
+            boxes = clip_boxes(boxes, image_sizes.cpu())
+        return boxes, scores, labels.long(), num
+
+    def __call__(self, images: Tensor) -> DetectorOutput:
+        return DetectorOutput(detections=unpad_detections(*self.predict_padded(images)))
 
     def fit(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The batch scaled down (if needed) and zero-padded to the graph's input size, and
