@@ -3,7 +3,8 @@
 A tiny dataset of coloured squares and a detector stand-in exercise the engine (training
 loop, checkpoints, resume, metrics) without the cost of a real detector; real detectors have
 their own end-to-end tests. :func:`torchvision_ssd_postprocess` is the reference our
-``multiclass_nms`` is checked and timed against.
+``multiclass_nms`` is timed against, :func:`torchvision_multiclass_nms` the one it is checked
+against (``torchvision.ops.nms`` per image and class, every documented rule).
 """
 
 from __future__ import annotations
@@ -148,6 +149,55 @@ def torchvision_ssd_postprocess(
         keep = torchvision.ops.batched_nms(cat_boxes, cat_scores, cat_labels, nms_thresh)
         keep = keep[:detections]
         results.append((cat_boxes[keep], cat_scores[keep], cat_labels[keep]))
+    return results
+
+
+def torchvision_multiclass_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    score_thresh: float,
+    nms_thresh: float,
+    detections: int,
+    pre_nms_top_k: int | None = None,
+    per_class_top_k: int | None = None,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``multiclass_nms``'s documented semantics, one image and one class at a time, with
+    ``torchvision.ops.nms`` per (image, class): the test oracle.
+
+    ``boxes [B, N, 4]`` (or ``[B, N, C, 4]``), ``scores [B, N, C]``. Per image: the (class,
+    box) pairs scoring above ``score_thresh``; the ``per_class_top_k`` best of each class, then
+    the ``pre_nms_top_k`` best of the image; NMS per class; the best ``detections``. Every
+    ranking is a stable sort in (class, box) order, so equal scores go to the lower index.
+    Returns per image ``(boxes, scores, labels)`` in the inputs' dtype.
+    """
+
+    def best(values: Tensor, k: int | None) -> Tensor:
+        order = torch.sort(values, descending=True, stable=True).indices
+        return order if k is None else order[:k]
+
+    results = []
+    for image_boxes, image_scores in zip(boxes, scores, strict=True):
+        label, box = torch.nonzero(image_scores.transpose(0, 1) > score_thresh, as_tuple=True)
+        if per_class_top_k is not None:
+            chosen = [
+                torch.where(label == c)[0][best(image_scores[box[label == c], c], per_class_top_k)]
+                for c in torch.unique(label)
+            ]
+            chosen = torch.sort(torch.cat(chosen)).values if chosen else label[:0]
+            label, box = label[chosen], box[chosen]
+        cand = image_scores[box, label]
+        chosen = torch.sort(best(cand, pre_nms_top_k)).values
+        label, box, cand = label[chosen], box[chosen], cand[chosen]
+        cand_boxes = image_boxes[box] if image_boxes.dim() == 2 else image_boxes[box, label]
+        kept = [label[:0]]
+        for c in torch.unique(label):
+            members = torch.where(label == c)[0]
+            kept.append(
+                members[torchvision.ops.nms(cand_boxes[members], cand[members], nms_thresh)]
+            )
+        kept = torch.sort(torch.cat(kept)).values
+        kept = kept[best(cand[kept], detections)]
+        results.append((cand_boxes[kept], cand[kept], label[kept]))
     return results
 
 
