@@ -4,7 +4,8 @@ A tiny dataset of coloured squares and a detector stand-in exercise the engine (
 loop, checkpoints, resume, metrics) without the cost of a real detector; real detectors have
 their own end-to-end tests. :func:`torchvision_ssd_postprocess` is the reference our
 ``multiclass_nms`` is timed against, :func:`torchvision_multiclass_nms` the one it is checked
-against (``torchvision.ops.nms`` per image and class, every documented rule).
+against (``torchvision.ops.nms`` per image and class, every documented rule), and
+:func:`detection_mismatch` compares its padded outputs with either.
 """
 
 from __future__ import annotations
@@ -199,6 +200,37 @@ def torchvision_multiclass_nms(
         kept = kept[best(cand[kept], detections)]
         results.append((cand_boxes[kept], cand[kept], label[kept]))
     return results
+
+
+def detection_mismatch(padded, reference, ties_in_any_order: bool = False) -> str | None:
+    """How ``multiclass_nms``'s padded outputs differ from per-image ``reference`` detections
+    (``[(boxes, scores, labels)]``, best first), or ``None`` when they hold the same ones in
+    the same order and zeros past them. ``ties_in_any_order``: equal scores may be permuted.
+    """
+    out_boxes, out_scores, out_labels, counts = padded
+
+    def rows(boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        table = torch.cat([scores[:, None].double(), labels[:, None].double(), boxes.double()], 1)
+        if ties_in_any_order:  # lexicographic (score desc, label, box): stable sorts, last first
+            for column in range(5, -1, -1):
+                order = torch.sort(table[:, column], stable=True, descending=column == 0).indices
+                table = table[order]
+        return table
+
+    for i, (boxes, scores, labels) in enumerate(reference):
+        k = len(scores)
+        if int(counts[i]) != k:
+            return f"image {i}: {int(counts[i])} detections, expected {k}"
+        if out_scores[i, k:].any() or out_boxes[i, k:].any() or out_labels[i, k:].any():
+            return f"image {i}: padding past {k} is not zero"
+        if out_boxes.dtype != boxes.dtype or out_scores.dtype != scores.dtype:
+            return f"image {i}: dtype {out_boxes.dtype}, expected {boxes.dtype}"
+        mine = rows(out_boxes[i, :k], out_scores[i, :k], out_labels[i, :k])
+        theirs = rows(boxes, scores, labels)
+        if not torch.equal(mine, theirs):
+            first = int((mine != theirs).any(dim=1).nonzero()[0])
+            return f"image {i}, rank {first}: {mine[first].tolist()} != {theirs[first].tolist()}"
+    return None
 
 
 def digits_batch(

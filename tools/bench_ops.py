@@ -25,7 +25,7 @@ import torch
 import torchvision.ops as tv
 
 from detkit import ops
-from detkit.testing import torchvision_ssd_postprocess
+from detkit.testing import detection_mismatch, torchvision_ssd_postprocess
 
 BATCH, BOXES, CLASSES = 16, 3000, 80
 SCORE_THRESHOLD, IOU_THRESHOLD, DETECTIONS, PER_CLASS_TOP_K = 0.05, 0.45, 200, 400
@@ -72,26 +72,6 @@ def batched_nms_loop(boxes, scores, score_thresh, nms_thresh, detections):
     return results
 
 
-def canonical(boxes, scores, labels) -> torch.Tensor:
-    """Detections as ``[K, 6]`` rows sorted by (score desc, label, box): ties in any order."""
-    rows = torch.cat([scores[:, None].double(), labels[:, None].double(), boxes.double()], 1)
-    for column in range(5, -1, -1):  # lexicographic: stable sorts, last key first
-        rows = rows[torch.sort(rows[:, column], stable=True, descending=column == 0).indices]
-    return rows
-
-
-def identical(ours, reference) -> bool:
-    out_boxes, out_scores, out_labels, counts = ours
-    for i, (boxes, scores, labels) in enumerate(reference):
-        k = len(scores)
-        if int(counts[i]) != k or (k < out_scores.shape[1] and out_scores[i, k:].any()):
-            return False
-        mine = canonical(out_boxes[i, :k], out_scores[i, :k], out_labels[i, :k])
-        if not torch.equal(mine, canonical(boxes, scores, labels)):
-            return False
-    return True
-
-
 def interleaved_median_ms(ours, reference, repeats: int) -> tuple[float, float]:
     ours(), reference()  # warm-up
     times: tuple[list[float], list[float]] = ([], [])
@@ -120,7 +100,7 @@ def multiclass_rows(repeats: int) -> list[tuple[str, float, float, float]]:
                 ref_fn = lambda a=args: batched_nms_loop(*a)  # noqa: E731
             else:
                 ref_fn = lambda a=args: torchvision_ssd_postprocess(*a, PER_CLASS_TOP_K)  # noqa: E731
-            same = identical(ours_fn(), ref_fn())
+            same = detection_mismatch(ours_fn(), ref_fn(), ties_in_any_order=True) is None
             label = f"multiclass {name} {share:.1%} top{top_k or '-all'}"
             slow = top_k is None and share > 0.2  # the reference takes seconds per call
             ours_ms, ref_ms = interleaved_median_ms(ours_fn, ref_fn, 3 if slow else repeats)

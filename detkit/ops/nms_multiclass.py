@@ -62,16 +62,21 @@ def count_true(mask: Tensor, dim: int) -> Tensor:
     return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 
 
-def top_k_mask(values: Tensor, valid: Tensor, k: int, tiebreak: Tensor | None = None) -> Tensor:
-    """The ``k`` largest ``values`` of each row (last dim) among ``valid``.
+def top_k_mask(
+    values: Tensor, valid: Tensor, k: int, tiebreak: Tensor | None = None, *, floor: bool = False
+) -> Tensor:
+    """The ``k`` largest ``values`` among ``valid`` in each row (last dim), for rows holding
+    more than ``k`` valid entries; equal values at the boundary go to the lowest ``tiebreak``
+    (default: the position).
 
-    For rows holding more than ``k`` valid entries, where the valid entries are exactly the
-    values above some floor (a score threshold, or -inf): then the k best values of the row
-    are valid ones and no masking is needed (``topk`` ranks NaN first: such rows are masked).
-    Equal values at the boundary go to the lowest ``tiebreak`` (default: the position).
+    ``floor``: the valid entries are exactly the values above some floor (a threshold, or
+    -inf), so a row's k best values are valid ones and need no masking (``topk`` ranks NaN
+    first, so rows holding NaN are masked all the same).
     """
     if k == 0:
         return torch.zeros_like(valid)
+    if not floor:
+        values = values.masked_fill(~valid, float("-inf"))
     kth = values.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     nan = torch.isnan(kth[..., 0])
     if bool(nan.any()):
@@ -108,7 +113,7 @@ def candidate_mask(scores: Tensor, score_threshold: float, per_class_top_k, pre_
         crowded = count_true(rows, 1) > per_class_top_k
         if bool(crowded.all()):  # dense scores: every row, no gathers
             by_class = scores.transpose(1, 2).reshape(batch * num_classes, n)
-            rows.copy_(top_k_mask(by_class, rows, per_class_top_k))
+            rows.copy_(top_k_mask(by_class, rows, per_class_top_k, floor=True))
         elif bool(crowded.any()):
             (row,) = torch.nonzero(crowded, as_tuple=True)
             if row.numel() * _MANY > rows.shape[0]:
@@ -116,7 +121,8 @@ def candidate_mask(scores: Tensor, score_threshold: float, per_class_top_k, pre_
                 values = take(by_class, row)
             else:
                 values = scores[row // num_classes, :, row % num_classes]
-            rows.index_copy_(0, row, top_k_mask(values, take(rows, row), per_class_top_k))
+            top = top_k_mask(values, take(rows, row), per_class_top_k, floor=True)
+            rows.index_copy_(0, row, top)
     if pre_nms_top_k is not None and pre_nms_top_k < n * num_classes:
         flat = mask.view(batch, -1)  # (class, box) order: equal scores go to the lower class
         (image,) = torch.nonzero(count_true(flat, 1) > pre_nms_top_k, as_tuple=True)
@@ -124,7 +130,10 @@ def candidate_mask(scores: Tensor, score_threshold: float, per_class_top_k, pre_
             values = (by_class.view(batch, -1) if by_class is not None else scores.transpose(1, 2))[
                 image
             ].reshape(image.numel(), -1)
-            flat.index_copy_(0, image, top_k_mask(values, take(flat, image), pre_nms_top_k))
+            # After per-class top-k the valid entries are no longer those above the threshold.
+            floor = per_class_top_k is None
+            top = top_k_mask(values, take(flat, image), pre_nms_top_k, floor=floor)
+            flat.index_copy_(0, image, top)
     return mask
 
 
@@ -267,7 +276,8 @@ def _ranked_survivors(cands: Candidates, keep: Tensor, max_detections: int):
         ties = torch.full_like(table, torch.iinfo(torch.int64).max, dtype=torch.int64)
         ties.scatter_(0, cells, take(flat, mine))
         table, ties = table.view(-1, width), ties.view(-1, width)
-        best = top_k_mask(table, table > float("-inf"), max_detections, ties).view(-1)
+        best = top_k_mask(table, table > float("-inf"), max_detections, ties, floor=True)
+        best = best.view(-1)
         chosen = ~take(crowded, image)
         chosen.scatter_(0, mine, take(best, cells))
         kept, image, flat, scores = kept[chosen], image[chosen], flat[chosen], scores[chosen]
