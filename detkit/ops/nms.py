@@ -28,8 +28,9 @@ So ``nms`` and ``batched_nms`` return torchvision's keep indices on the promoted
 ``multiclass_nms`` keeps what ``torchvision.ops.nms`` keeps in each (image, class) group.
 (torchvision's ``batched_nms`` below 1000 boxes shifts each class by an offset before one
 NMS, which can move an IoU by an ulp; our ``batched_nms`` does the same to stay equal to it,
-``multiclass_nms`` never shifts.) Scores are compared with ``score_threshold`` as the tensor
-op ``scores > score_threshold`` does, as in torchvision's detectors.
+``multiclass_nms`` never shifts.) ``soft_nms``'s linear rule compares its IoU with the
+threshold exactly too. Scores are compared with ``score_threshold`` as the tensor op
+``scores > score_threshold`` does, as in torchvision's detectors.
 """
 
 from __future__ import annotations
@@ -269,7 +270,9 @@ def soft_nms(
         if method == "gaussian":
             decay = torch.exp(-(overlap**2) / sigma)
         else:
-            decay = torch.where(overlap >= iou_threshold, 1 - overlap, torch.ones_like(overlap))
+            # In float64, the threshold is compared exactly (the rule in the module docstring).
+            over = overlap.double() >= iou_threshold
+            decay = torch.where(over, 1 - overlap, torch.ones_like(overlap))
         current = torch.where(alive, current * decay, current)
         alive &= current >= score_threshold
     keep_t = torch.tensor(keep, dtype=torch.int64, device=boxes.device)

@@ -335,6 +335,19 @@ def test_soft_nms_matches_paper_reference(method):
     assert bool((new_scores[:-1] >= new_scores[1:]).all())
 
 
+def test_soft_nms_linear_threshold_is_exact():
+    # Pairs with IoU at the largest value <= 0.7: float32(0.7), just below 0.7, must not decay
+    # (the paper's reference compares doubles); the float64 one equals 0.7 and decays (>=).
+    for dtype in (torch.float32, torch.float64):
+        boxes = threshold_pair(0.7, dtype, above=False)
+        scores = torch.tensor([0.9, 0.8], dtype=dtype)
+        keep, new = ops.soft_nms(boxes, scores, iou_threshold=0.7, method="linear")
+        ref_keep, ref_scores = soft_nms_reference(boxes, scores, 0.5, 0.7, 0.001, "linear")
+        assert keep.tolist() == ref_keep == [0, 1]
+        assert new.tolist() == pytest.approx(ref_scores, rel=1e-6)
+        assert (new[1] == scores[1]) == (dtype == torch.float32)
+
+
 def test_soft_nms_hand_computed():
     boxes = torch.tensor([[0.0, 0, 2, 2], [1, 0, 3, 2], [10, 10, 11, 11]])  # IoU(0,1) = 1/3
     scores = torch.tensor([0.9, 0.8, 0.5])
