@@ -81,6 +81,10 @@ BACKENDS = ["cpu", "triton"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def implementation(backend: str) -> SimpleNamespace:
     """The three NMS entry points of one backend, with the public ops' signatures."""
     if backend == "cpu":
@@ -146,7 +150,7 @@ def test_threshold_pairs_are_the_cases_rounding_gets_wrong():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("t", [0.3, 0.6, 0.7])
 def test_nms_threshold_rule_equals_torchvision(backend, dtype, t):
     impl, compute = implementation(backend), compute_dtype(dtype)
@@ -196,7 +200,11 @@ BATCHED_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("backend", "dtype", "t", "filler"), BATCHED_CASES)
+@pytest.mark.parametrize(
+    ("backend", "dtype", "t", "filler"),
+    BATCHED_CASES,
+    ids=[f"{b}-{dtype_id(d)}-{t}-{f}" for b, d, t, f in BATCHED_CASES],
+)
 def test_batched_nms_threshold_rule_equals_torchvision(backend, dtype, t, filler):
     impl, compute = implementation(backend), compute_dtype(dtype)
     boxes, scores, idxs = with_filler(*threshold_problem(t, dtype), filler)
@@ -205,7 +213,7 @@ def test_batched_nms_threshold_rule_equals_torchvision(backend, dtype, t, filler
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("t", [0.3, 0.6, 0.7])
 def test_multiclass_nms_threshold_rule_equals_torchvision(backend, dtype, t):
     impl, compute = implementation(backend), compute_dtype(dtype)
@@ -245,7 +253,7 @@ def test_chain_tells_greedy_from_fast_nms():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_greedy_chain_all_ops(backend, dtype):
     impl = implementation(backend)
     boxes, scores = chain().to(dtype), CHAIN_SCORES.to(dtype)
@@ -286,7 +294,7 @@ def clusters(n_clusters: int, per_cluster: int, dtype=torch.float32, seed: int =
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_dense_clusters_equal_torchvision(backend, dtype):
     impl = implementation(backend)
     slow = backend == "triton"  # the interpreter runs kernels in numpy, one program at a time
