@@ -37,10 +37,12 @@ from detkit.ops.nms_grouped import (
 # Cost of an image-level window IoU relative to a per-class one: it also pays a C-wide
 # membership test for every edge it finds (measured: 1.4x to 2.9x, densest scores highest).
 _IMAGE_PAIR_COST = 1.5
-# Below this many per-class window IoUs, per-image windows are not even looked at.
+# Below this many per-class window IoUs (a few ms) the per-image windows, which cost about
+# as much just to size, are not looked at.
 _PER_IMAGE_MIN = 1 << 20
 # Per-class top-k transposes all the scores (one pass) when more than 1/_MANY of the
-# (image, class) rows hold too many candidates, else it gathers those rows (measured).
+# (image, class) rows hold too many candidates, else it gathers those rows (a strided
+# gather of every row measured several times slower than the transpose).
 _MANY = 16
 
 
