@@ -3,8 +3,11 @@
 A tiny dataset of coloured squares and a detector stand-in exercise the engine (training
 loop, checkpoints, resume, metrics) without the cost of a real detector; real detectors have
 their own end-to-end tests. :func:`torchvision_ssd_postprocess` is the reference our
-``multiclass_nms`` is checked and timed against. :func:`calibrate_random_weights` makes a
-real detector's random weights give spread-out scores, as trained ones do.
+``multiclass_nms`` is timed against, :func:`torchvision_multiclass_nms` the one it is checked
+against (``torchvision.ops.nms`` per image and class, every documented rule), and
+:func:`detection_mismatch` compares its padded outputs with either.
+:func:`calibrate_random_weights` makes a real detector's random weights give spread-out
+scores, as trained ones do.
 """
 
 from __future__ import annotations
@@ -199,6 +202,86 @@ def torchvision_ssd_postprocess(
         keep = keep[:detections]
         results.append((cat_boxes[keep], cat_scores[keep], cat_labels[keep]))
     return results
+
+
+def torchvision_multiclass_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    score_thresh: float,
+    nms_thresh: float,
+    detections: int,
+    pre_nms_top_k: int | None = None,
+    per_class_top_k: int | None = None,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``multiclass_nms``'s documented semantics, one image and one class at a time, with
+    ``torchvision.ops.nms`` per (image, class): the test oracle.
+
+    ``boxes [B, N, 4]`` (or ``[B, N, C, 4]``), ``scores [B, N, C]``. Per image: the (class,
+    box) pairs scoring above ``score_thresh``; the ``per_class_top_k`` best of each class, then
+    the ``pre_nms_top_k`` best of the image; NMS per class; the best ``detections``. Every
+    ranking is a stable sort in (class, box) order, so equal scores go to the lower index.
+    Returns per image ``(boxes, scores, labels)`` in the inputs' dtype.
+    """
+
+    def best(values: Tensor, k: int | None) -> Tensor:
+        order = torch.sort(values, descending=True, stable=True).indices
+        return order if k is None else order[:k]
+
+    results = []
+    for image_boxes, image_scores in zip(boxes, scores, strict=True):
+        label, box = torch.nonzero(image_scores.transpose(0, 1) > score_thresh, as_tuple=True)
+        if per_class_top_k is not None:
+            chosen = [
+                torch.where(label == c)[0][best(image_scores[box[label == c], c], per_class_top_k)]
+                for c in torch.unique(label)
+            ]
+            chosen = torch.sort(torch.cat(chosen)).values if chosen else label[:0]
+            label, box = label[chosen], box[chosen]
+        cand = image_scores[box, label]
+        chosen = torch.sort(best(cand, pre_nms_top_k)).values
+        label, box, cand = label[chosen], box[chosen], cand[chosen]
+        cand_boxes = image_boxes[box] if image_boxes.dim() == 2 else image_boxes[box, label]
+        kept = [label[:0]]
+        for c in torch.unique(label):
+            members = torch.where(label == c)[0]
+            kept.append(
+                members[torchvision.ops.nms(cand_boxes[members], cand[members], nms_thresh)]
+            )
+        kept = torch.sort(torch.cat(kept)).values
+        kept = kept[best(cand[kept], detections)]
+        results.append((cand_boxes[kept], cand[kept], label[kept]))
+    return results
+
+
+def detection_mismatch(padded, reference, ties_in_any_order: bool = False) -> str | None:
+    """How ``multiclass_nms``'s padded outputs differ from per-image ``reference`` detections
+    (``[(boxes, scores, labels)]``, best first), or ``None`` when they hold the same ones in
+    the same order and zeros past them. ``ties_in_any_order``: equal scores may be permuted.
+    """
+    out_boxes, out_scores, out_labels, counts = padded
+
+    def rows(boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        table = torch.cat([scores[:, None].double(), labels[:, None].double(), boxes.double()], 1)
+        if ties_in_any_order:  # lexicographic (score desc, label, box): stable sorts, last first
+            for column in range(5, -1, -1):
+                order = torch.sort(table[:, column], stable=True, descending=column == 0).indices
+                table = table[order]
+        return table
+
+    for i, (boxes, scores, labels) in enumerate(reference):
+        k = len(scores)
+        if int(counts[i]) != k:
+            return f"image {i}: {int(counts[i])} detections, expected {k}"
+        if out_scores[i, k:].any() or out_boxes[i, k:].any() or out_labels[i, k:].any():
+            return f"image {i}: padding past {k} is not zero"
+        if out_boxes.dtype != boxes.dtype or out_scores.dtype != scores.dtype:
+            return f"image {i}: dtype {out_boxes.dtype}, expected {boxes.dtype}"
+        mine = rows(out_boxes[i, :k], out_scores[i, :k], out_labels[i, :k])
+        theirs = rows(boxes, scores, labels)
+        if not torch.equal(mine, theirs):
+            first = int((mine != theirs).any(dim=1).nonzero()[0])
+            return f"image {i}, rank {first}: {mine[first].tolist()} != {theirs[first].tolist()}"
+    return None
 
 
 def digits_batch(

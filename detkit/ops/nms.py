@@ -3,15 +3,34 @@
 ``nms``, ``batched_nms`` and ``multiclass_nms`` are ``torch.library`` custom ops
 (``detkit::nms``, ``detkit::batched_nms``, ``detkit::multiclass_nms``) with fake impls (data
 dependent sizes via ``new_dynamic_size``) and Triton CUDA paths in
-:mod:`detkit.ops.kernels.boxes_nms`. Everything runs in float32 (half inputs are upcast).
+:mod:`detkit.ops.kernels.boxes_nms`. ``multiclass_nms``'s CPU engine is in
+:mod:`detkit.ops.nms_multiclass` and :mod:`detkit.ops.nms_grouped`.
 
-Greedy NMS per group, without a Python loop over groups (CPU path of ``multiclass_nms`` and
-of large ``batched_nms``): candidates are sorted by (group, score desc, index); IoU is
-computed only for pairs inside a group (a flat pair list, chunked to bound memory); pairs
-above the threshold form a sparse "suppresses" graph, and the greedy result is the unique
-fixed point of ``keep[j] = not any(keep[i] for edges i -> j)``, reached by iterating from
-"keep all" (Cluster-NMS, Zheng et al. 2020: after t rounds the first t ranks are final).
-Ties follow torchvision: equal scores are visited in index order (stable sort).
+The NMS rule, the same for every dtype, every op and every device (CPU, Triton):
+
+- **Compute type.** Boxes and scores are promoted together: float64 if either is float64,
+  else float32. float16, bfloat16 and integer inputs are upcast to float32, so NMS and IoU
+  never run below float32, autocast or not; float64 is never lowered.
+- **IoU** is computed in the compute type with torchvision's operations in torchvision's
+  order (``inter / (area_a + area_b - inter)``), so it has the same bits as torchvision's.
+  The Triton kernels use correctly rounded division and no fused multiply-add for this.
+- **Threshold.** Box ``j`` is suppressed when ``IoU > iou_threshold``, the threshold taken
+  exactly as the double it is, as torchvision's kernels compare: a float32 IoU is compared
+  with the largest float32 not above it (:func:`~detkit.ops.nms_grouped.float32_threshold`,
+  the same decisions; the nearest float32, e.g. of 0.6, would keep an IoU of
+  ``float32(0.6)``), a float64 IoU with the threshold itself (never rounded to float32).
+- **Greedy.** Boxes are visited by score, descending (equal scores: lower index first;
+  ``multiclass_nms``: lower box index); a box is removed only by a box that was kept. A box
+  suppressed itself suppresses nothing (unlike Fast-NMS, which keeps only A of a chain
+  A > B > C where A removes B, B overlaps C and A does not: greedy keeps A and C).
+
+So ``nms`` and ``batched_nms`` return torchvision's keep indices on the promoted inputs, and
+``multiclass_nms`` keeps what ``torchvision.ops.nms`` keeps in each (image, class) group.
+(torchvision's ``batched_nms`` below 1000 boxes shifts each class by an offset before one
+NMS, which can move an IoU by an ulp; our ``batched_nms`` does the same to stay equal to it,
+``multiclass_nms`` never shifts.) ``soft_nms``'s linear rule compares its IoU with the
+threshold exactly too. Scores are compared with ``score_threshold`` as the tensor op
+``scores > score_threshold`` does, as in torchvision's detectors.
 """
 
 from __future__ import annotations
@@ -24,22 +43,11 @@ from torch import Tensor
 
 from detkit.ops._library import NAMESPACE, register_triton_cuda, upcast_float32
 from detkit.ops.boxes import box_iou
+from detkit.ops.nms_grouped import promote
+from detkit.ops.nms_multiclass import cpu_keep, multiclass_select
 
 # torchvision's CPU batched_nms switches from the offset trick to a per-class loop here.
 _TORCHVISION_OFFSET_TRICK_MAX_NUMEL = 4000
-_PAIR_CHUNK = 1 << 22  # pairs per chunk: bounds the pair-list memory to ~100 MB
-
-
-def float32_threshold(iou_threshold: float) -> float:
-    """The largest float32 ``t32 <= t``: ``iou > t32`` in float32 equals ``iou > t`` in double.
-
-    torchvision's kernels compare a float IoU with a double threshold; comparing with the
-    float32-rounded threshold would differ when rounding goes up (e.g. 0.6).
-    """
-    t32 = torch.tensor(iou_threshold, dtype=torch.float32)
-    if t32.item() > iou_threshold:
-        t32 = torch.nextafter(t32, torch.tensor(-math.inf))
-    return float(t32.item())
 
 
 def _check_nms_args(name: str, boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
@@ -51,84 +59,9 @@ def _check_nms_args(name: str, boxes: Tensor, scores: Tensor, iou_threshold: flo
         raise ValueError(f"{name}: iou_threshold must be in [0, 1], got {iou_threshold}")
 
 
-def _common_float(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = torch.float64 if torch.float64 in (boxes.dtype, scores.dtype) else torch.float32
-    return boxes.to(dtype), scores.to(dtype)
-
-
-def _descending_key(scores: Tensor) -> Tensor:
-    """int64 keys whose ascending order is the float32 scores' descending order."""
-    bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
-    ordered = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-    return 0xFFFFFFFF - ordered
-
-
-def group_order(scores: Tensor, groups: Tensor) -> Tensor:
-    """Permutation sorting by (group, score descending, index) - torchvision's visit order."""
-    if scores.dtype == torch.float32 and scores.numel() > 0:
-        # One stable sort of a (group, score) composite key instead of two stable sorts.
-        key = groups.to(torch.int64) * (1 << 32) + _descending_key(scores)
-        return torch.sort(key, stable=True).indices
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    return by_score[torch.sort(groups[by_score], stable=True).indices]
-
-
-def grouped_nms_keep(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy NMS inside each group; ``boxes``/``groups`` sorted by ``group_order``.
-
-    Returns a bool keep mask over the sorted list.
-    """
-    n = boxes.shape[0]
-    keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
-    if n < 2:
-        return keep
-    _, counts = torch.unique_consecutive(groups, return_counts=True)
-    ends = torch.repeat_interleave(torch.cumsum(counts, 0), counts)
-    partners_cum = torch.cumsum(ends - torch.arange(n, device=boxes.device) - 1, 0)
-    threshold = float32_threshold(iou_threshold)
-    sources, targets = [], []
-    first = 0
-    while first < n:  # chunks of rows, only to bound memory
-        done = partners_cum[first - 1] if first > 0 else 0
-        last = int(torch.searchsorted(partners_cum, done + _PAIR_CHUNK, right=True))
-        last = min(max(last, first + 1), n)
-        i, j = _pair_indices(ends, first, last)
-        over = _pair_iou(boxes, i, j) > threshold
-        sources.append(i[over])
-        targets.append(j[over])
-        first = last
-    src, dst = torch.cat(sources), torch.cat(targets)
-    while True:
-        suppressed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-        suppressed[dst[keep[src]]] = True
-        if torch.equal(~suppressed, keep):
-            return keep
-        keep = ~suppressed
-
-
-def _pair_indices(ends: Tensor, first: int, last: int) -> tuple[Tensor, Tensor]:
-    rows = torch.arange(first, last, device=ends.device)
-    partners = ends[first:last] - rows - 1
-    i = torch.repeat_interleave(rows, partners)
-    row_start = torch.cumsum(partners, 0) - partners
-    rank = torch.arange(i.numel(), device=ends.device) - row_start.repeat_interleave(partners)
-    return i, i + 1 + rank
-
-
-def _pair_iou(boxes: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """IoU of box pairs, with the same float ops (hence bits) as torchvision's nms kernel."""
-    a, b = boxes[i], boxes[j]
-    width = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp_(min=0)
-    inter = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp_(min=0)
-    inter.mul_(width)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter.div_(area_a.add_(area_b).sub_(inter))
-
-
 @torch.library.custom_op(f"{NAMESPACE}::nms", mutates_args=())
 def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    boxes, scores = _common_float(upcast_float32(boxes), upcast_float32(scores))
+    boxes, scores = promote(boxes, scores)
     return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
 
 
@@ -156,9 +89,9 @@ def _offset_boxes(boxes: Tensor, idxs: Tensor) -> Tensor:
 def _batched_nms_per_group(boxes: Tensor, scores: Tensor, idxs: Tensor, thr: float) -> Tensor:
     """torchvision's large-input path: its compiled NMS once per group, then sort by score.
 
-    Measured against the vectorised pair path (``grouped_nms_keep``) on CPU, the compiled
-    kernel's early exit wins by 5-15x when groups are large (RPN levels, few classes), and
-    ties with it for many small groups; so the CPU keeps torchvision's algorithm exactly.
+    Measured against an all-pairs vectorised path on CPU, the compiled kernel's early exit
+    won by 5-15x when groups are large (RPN levels, few classes) and tied for many small
+    groups; and this is exactly torchvision's algorithm, which ``batched_nms`` must equal.
     """
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     for group in torch.unique(idxs):
@@ -170,7 +103,7 @@ def _batched_nms_per_group(boxes: Tensor, scores: Tensor, idxs: Tensor, thr: flo
 
 @torch.library.custom_op(f"{NAMESPACE}::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    boxes, scores = _common_float(upcast_float32(boxes), upcast_float32(scores))
+    boxes, scores = promote(boxes, scores)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.numel() <= _TORCHVISION_OFFSET_TRICK_MAX_NUMEL:
@@ -195,77 +128,6 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return _batched_nms_op(boxes, scores, idxs, float(iou_threshold))
 
 
-def _rank_in_sorted(keys: Tensor) -> Tensor:
-    """Position of each element inside its run of equal ``keys`` (``keys`` sorted)."""
-    _, counts = torch.unique_consecutive(keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return torch.arange(keys.numel(), device=keys.device) - starts.repeat_interleave(counts)
-
-
-def _candidates(scores: Tensor, score_threshold: float, per_class_top_k: int | None):
-    """(image, class, box, score) of every score above the threshold, in (image, class, box)
-    order. With ``per_class_top_k`` only the k best of each (image, class) stay (SSD's rule;
-    equal scores keep the lower box index)."""
-    by_class = upcast_float32(scores).transpose(1, 2)  # [B, C, N]
-    image, label, box = torch.nonzero(by_class > score_threshold, as_tuple=True)
-    cand_scores = by_class[image, label, box]
-    if per_class_top_k is not None:
-        groups = image * by_class.shape[1] + label
-        order = group_order(cand_scores, groups)
-        best = order[_rank_in_sorted(groups[order]) < per_class_top_k]
-        best = torch.sort(best).values
-        image, label, box, cand_scores = image[best], label[best], box[best], cand_scores[best]
-    return image, label, box, cand_scores
-
-
-def _top_per_image(image: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Candidates (indices) that rank < k by score within their image, and their rank.
-
-    Order of the result: (image, score descending, candidate index).
-    """
-    by_image = group_order(scores, image)
-    rank = _rank_in_sorted(image[by_image])
-    return by_image[rank < k], rank[rank < k]
-
-
-def multiclass_select(
-    boxes,
-    scores,
-    score_threshold,
-    iou_threshold,
-    max_detections,
-    pre_nms_top_k,
-    per_class_top_k,
-    keep_fn,
-):
-    """Shared body of the CPU and CUDA paths; ``keep_fn`` is the grouped NMS kernel."""
-    batch, _, num_classes = scores.shape
-    image, label, box_idx, cand_scores = _candidates(scores, score_threshold, per_class_top_k)
-    if pre_nms_top_k is not None:
-        chosen, _ = _top_per_image(image, cand_scores, pre_nms_top_k)
-        chosen = torch.sort(chosen).values  # back to candidate order for the ties
-        image, label, box_idx, cand_scores = (
-            t[chosen] for t in (image, label, box_idx, cand_scores)
-        )
-    cand_boxes = upcast_float32(
-        boxes[image, box_idx] if boxes.dim() == 3 else boxes[image, box_idx, label]
-    )
-    groups = image * num_classes + label
-    order = group_order(cand_scores, groups)
-    kept = order[keep_fn(cand_boxes[order], groups[order], iou_threshold)]
-    kept = torch.sort(kept).values
-    final, rank = _top_per_image(image[kept], cand_scores[kept], max_detections)
-    final = kept[final]
-    out_boxes = cand_boxes.new_zeros((batch, max_detections, 4))
-    out_scores = cand_scores.new_zeros((batch, max_detections))
-    out_labels = torch.zeros((batch, max_detections), dtype=torch.int64, device=scores.device)
-    out_boxes[image[final], rank] = cand_boxes[final]
-    out_scores[image[final], rank] = cand_scores[final]
-    out_labels[image[final], rank] = label[final]
-    counts = torch.bincount(image[final], minlength=batch)
-    return out_boxes, out_scores, out_labels, counts
-
-
 @torch.library.custom_op(f"{NAMESPACE}::multiclass_nms", mutates_args=())
 def _multiclass_nms_op(
     boxes: Tensor,
@@ -284,7 +146,7 @@ def _multiclass_nms_op(
         max_detections,
         pre_nms_top_k,
         per_class_top_k,
-        grouped_nms_keep,
+        cpu_keep,
     )
 
 
@@ -293,9 +155,10 @@ def _(
     boxes, scores, score_threshold, iou_threshold, max_detections, pre_nms_top_k, per_class_top_k
 ):
     batch = scores.shape[0]
+    dtype = promote(boxes[:0], scores[:0])[0].dtype
     return (
-        scores.new_empty((batch, max_detections, 4), dtype=torch.float32),
-        scores.new_empty((batch, max_detections), dtype=torch.float32),
+        scores.new_empty((batch, max_detections, 4), dtype=dtype),
+        scores.new_empty((batch, max_detections), dtype=dtype),
         scores.new_empty((batch, max_detections), dtype=torch.int64),
         scores.new_empty((batch,), dtype=torch.int64),
     )
@@ -349,9 +212,16 @@ def multiclass_nms(
             torchvision SSD's ``topk_candidates`` rule (applied before ``pre_nms_top_k``).
 
     Returns:
-        ``boxes [B, K, 4]`` float32, ``scores [B, K]`` float32, ``labels [B, K]`` int64 and
+        ``boxes [B, K, 4]`` and ``scores [B, K]`` in the compute type (float32; float64 when
+        boxes or scores are float64), ``labels [B, K]`` int64 and
         ``num_detections [B]`` int64; rows past ``num_detections`` are zeros. Equal scores
-        keep (class, box) order, as torchvision's SSD post-processing does.
+        keep (class, box) order, as torchvision's SSD post-processing does; at a top-k
+        cut-off equal scores go to the lower box (per class) or (class, box) (per image).
+
+    No density cliff: the CPU engine (:mod:`detkit.ops.nms_multiclass`) sizes the IoU work
+    of each of its exact methods before doing any and takes the cheapest, so sparse and
+    dense scores, with or without per-class top-k, stay ahead of a per-image torchvision
+    loop (tools/bench_ops.py measures 1%, 5% and 40% of the pairs above the threshold).
     """
     _check_multiclass_args(
         boxes, scores, iou_threshold, max_detections, pre_nms_top_k, per_class_top_k
@@ -400,7 +270,9 @@ def soft_nms(
         if method == "gaussian":
             decay = torch.exp(-(overlap**2) / sigma)
         else:
-            decay = torch.where(overlap >= iou_threshold, 1 - overlap, torch.ones_like(overlap))
+            # In float64, the threshold is compared exactly (the rule in the module docstring).
+            over = overlap.double() >= iou_threshold
+            decay = torch.where(over, 1 - overlap, torch.ones_like(overlap))
         current = torch.where(alive, current * decay, current)
         alive &= current >= score_threshold
     keep_t = torch.tensor(keep, dtype=torch.int64, device=boxes.device)

@@ -23,6 +23,8 @@ def test_box_iou_kernel():
     assert batched.dtype == torch.float32
     assert torch.equal(batched, ops.box_iou(a[None].expand(2, -1, -1), b[:9].half()[None]))
     assert kernels.box_iou(a[:0], b).shape == (0, 70)
+    wide = kernels.box_iou(a.double(), b.double())  # float64 stays float64, bit for bit
+    assert wide.dtype == torch.float64 and torch.equal(wide, ops.box_iou(a.double(), b.double()))
 
 
 def test_nms_kernel_with_ties():

@@ -7,6 +7,12 @@ bit games), then a sequential reduction walks the rows in score order, OR-ing th
 kept boxes into a "removed" bit vector. The grouped variant does the same per (image, class)
 group, one program per group, which is how ``multiclass_nms`` runs a whole batch at once.
 Under ``TRITON_INTERPRET=1`` all of this runs on CPU tensors (that is how it is tested).
+
+The arithmetic is the rule of :mod:`detkit.ops.nms`: the IoU in the compute type (float32, or
+float64) with correctly rounded division (``div_rn``; Triton's default float32 division is
+approximate on GPUs) and without fused multiply-adds (``enable_fp_fusion=False``), compared
+with a threshold passed as a one-element tensor of the IoU's type (a float argument would be
+float32), so the decisions are the CPU's bit for bit.
 """
 
 from __future__ import annotations
@@ -16,15 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from detkit.ops._library import upcast_float32
-from detkit.ops.nms import (
-    _TORCHVISION_OFFSET_TRICK_MAX_NUMEL,
-    _common_float,
-    _offset_boxes,
-    float32_threshold,
-    group_order,
-    multiclass_select,
-)
+from detkit.ops.nms import _TORCHVISION_OFFSET_TRICK_MAX_NUMEL, _offset_boxes
+from detkit.ops.nms_grouped import group_order, iou_threshold_in, promote
+from detkit.ops.nms_multiclass import Candidates, multiclass_select
 
 __all__ = ["batched_nms", "box_iou", "grouped_nms_keep", "multiclass_nms", "nms"]
 
@@ -41,6 +41,14 @@ def _load_box(ptr, idx, valid):
 
 
 @triton.jit
+def _divide(a, b):
+    """Correctly rounded ``a / b`` (Triton's float32 ``/`` is approximate on GPUs)."""
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
 def _pair_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2):
     """IoU of a column of boxes ``a[:, None]`` against a row ``b[None, :]``; torchvision's ops."""
     width = tl.maximum(
@@ -52,7 +60,7 @@ def _pair_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2):
     inter = height * width
     area_a = (ax2 - ax1) * (ay2 - ay1)
     area_b = (bx2 - bx1) * (by2 - by1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+    return _divide(inter, area_a[:, None] + area_b[None, :] - inter)
 
 
 @triton.jit
@@ -69,7 +77,7 @@ def _box_iou_kernel(a_ptr, b_ptr, out_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M:
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise IoU ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (tiled Triton kernel)."""
-    a, b = _common_float(upcast_float32(boxes1), upcast_float32(boxes2))
+    a, b = promote(boxes1, boxes2)
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     n, m = a.shape[-2], b.shape[-2]
     flat = int(torch.Size(batch).numel())
@@ -78,7 +86,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     out = torch.empty((a.shape[0], n, m), dtype=a.dtype, device=a.device)
     if out.numel() > 0:
         grid = (triton.cdiv(n, 32), triton.cdiv(m, 32), a.shape[0])
-        _box_iou_kernel[grid](a, b, out, n, m, BLOCK_N=32, BLOCK_M=32)
+        _box_iou_kernel[grid](a, b, out, n, m, BLOCK_N=32, BLOCK_M=32, enable_fp_fusion=False)
     return out.reshape(*batch, n, m)
 
 
@@ -88,7 +96,7 @@ def _suppression_mask_kernel(
     starts_ptr,
     counts_ptr,
     mask_ptr,
-    threshold,
+    threshold_ptr,
     max_count,
     words,
     BLOCK: tl.constexpr,
@@ -104,6 +112,7 @@ def _suppression_mask_kernel(
     ax1, ay1, ax2, ay2 = _load_box(boxes_ptr, start + rows, rows < count)
     bx1, by1, bx2, by2 = _load_box(boxes_ptr, start + cols, cols < count)
     iou = _pair_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2)
+    threshold = tl.load(threshold_ptr)  # in the IoU's type (see the module docstring)
     later = (cols[None, :] > rows[:, None]) & (cols[None, :] < count)
     hit = (iou > threshold) & later
     shifts = tl.arange(0, WORD).to(tl.int64)
@@ -150,10 +159,21 @@ def _grouped_keep(boxes: Tensor, starts: Tensor, counts: Tensor, iou_threshold: 
     groups = counts.numel()
     mask = torch.empty((groups, max_count, words), dtype=torch.int64, device=boxes.device)
     boxes = boxes.contiguous()
-    threshold = float32_threshold(iou_threshold)
+    threshold = torch.tensor(
+        [iou_threshold_in(boxes.dtype, iou_threshold)], dtype=boxes.dtype, device=boxes.device
+    )
     grid = (triton.cdiv(max_count, 32), words, groups)
     _suppression_mask_kernel[grid](
-        boxes, starts, counts, mask, threshold, max_count, words, BLOCK=32, WORD=_WORD
+        boxes,
+        starts,
+        counts,
+        mask,
+        threshold,
+        max_count,
+        words,
+        BLOCK=32,
+        WORD=_WORD,
+        enable_fp_fusion=False,
     )
     block_w = triton.next_power_of_2(words)
     _reduce_mask_kernel[(groups,)](
@@ -171,7 +191,7 @@ def grouped_nms_keep(boxes: Tensor, groups: Tensor, iou_threshold: float) -> Ten
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS with a suppression bitmask; same keep indices as torchvision.ops.nms."""
-    boxes, scores = _common_float(upcast_float32(boxes), upcast_float32(scores))
+    boxes, scores = promote(boxes, scores)
     order = torch.sort(scores, descending=True, stable=True).indices
     n = order.numel()
     starts = torch.zeros(1, dtype=torch.int64, device=boxes.device)
@@ -181,7 +201,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """Per-class NMS; same path choice (offset trick or per-class) as the CPU op."""
-    boxes, scores = _common_float(upcast_float32(boxes), upcast_float32(scores))
+    boxes, scores = promote(boxes, scores)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.numel() <= _TORCHVISION_OFFSET_TRICK_MAX_NUMEL:
@@ -189,6 +209,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     order = group_order(scores, idxs)
     keep = torch.sort(order[grouped_nms_keep(boxes[order], idxs[order], iou_threshold)]).values
     return keep[scores[keep].sort(descending=True)[1]]
+
+
+def _multiclass_keep(cands: Candidates, iou_threshold: float) -> Tensor:
+    """``multiclass_select``'s grouped NMS: score order inside each group, then the kernels."""
+    order = group_order(cands.scores, cands.groups, cands.box)
+    keep = torch.empty_like(order, dtype=torch.bool)
+    keep[order] = grouped_nms_keep(cands.boxes[order], cands.groups[order], iou_threshold)
+    return keep
 
 
 def multiclass_nms(
@@ -209,5 +237,5 @@ def multiclass_nms(
         max_detections,
         pre_nms_top_k,
         per_class_top_k,
-        grouped_nms_keep,
+        _multiclass_keep,
     )
