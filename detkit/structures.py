@@ -14,7 +14,8 @@ Dataset ids
     Datasets map their own ids (COCO category ids, VOC class names) to ``0..C-1`` and keep the
     inverse map (``label_to_category_id``) so predictions can be written as COCO results JSON.
 Precision
-    NMS and IoU always run in float32, even under autocast; half-precision inputs are upcast.
+    NMS and IoU run in at least float32, even under autocast: half-precision inputs are
+    upcast, float64 stays float64 (the rule in :mod:`detkit.ops.nms`, torchvision's keep set).
 Images
     A batch is a float tensor ``[B, 3, H, W]`` with values in ``[0, 1]``; detectors normalise
     (mean/std) themselves so exported graphs and checkpoints carry their own normalisation.
