@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from detkit.data import boxes_to_original, collate
 from detkit.data.datasets.base import load_rgb
 from detkit.engine.checkpoint import load_detector
 from detkit.errors import UserError
+from detkit.files import atomic_path, write_json
 
 log = logging.getLogger("detkit")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -72,7 +72,8 @@ def predict_images(
             scores, labels = det["scores"][keep], det["labels"][keep]
             names = [str(class_names[int(i)]) for i in labels]
             drawn = output_dir / f"{path.stem}.png"
-            _draw(original, boxes, names, scores).save(drawn)
+            with atomic_path(drawn) as tmp:
+                _draw(original, boxes, names, scores).save(tmp, format="PNG")
             written.append(
                 {
                     "file": str(path),
@@ -85,7 +86,7 @@ def predict_images(
                     ],
                 }
             )
-    (output_dir / "detections.json").write_text(json.dumps(written, indent=1))
+    write_json(output_dir / "detections.json", written, indent=1)
     log.info("drew detections on %d images in %s", len(written), output_dir)
     return written
 

@@ -7,27 +7,39 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
+import signal
 import time
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from detkit.engine.callbacks import InterruptCheckpoint, ResumeState
 from detkit.engine.checkpoint import load_detector
+from detkit.engine.checkpoint_io import AtomicCheckpointIO
 from detkit.engine.inference import coco_results, run_detector
 from detkit.engine.module import DetectionModule
 from detkit.errors import UserError
+from detkit.files import write_json
 
 log = logging.getLogger("detkit")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split."""
+    """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split.
+
+    A run resumed with ``ckpt_path=.../last.ckpt`` ends with the same weights and metrics as
+    the run that was never stopped (see :mod:`detkit.engine.callbacks`); SIGTERM and Ctrl-C
+    write that checkpoint before the process exits (with 143 or 130).
+    """
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data.datamodule)
+    seed = L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data.datamodule, seed=seed)
     module = DetectionModule(
         model=instantiate(cfg.model),
         optimizer=instantiate(cfg.optimizer),
@@ -36,9 +48,18 @@ def train(cfg: DictConfig) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(ResumeState())
+    interrupt = interrupt_checkpoint(cfg, output_dir)
+    if interrupt is not None:
+        callbacks.append(interrupt)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins(cfg.trainer)
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        raise SystemExit(interrupt.exit_code if interrupt else 128 + signal.SIGTERM) from None
     summary = {
         "output_dir": str(output_dir),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -48,14 +69,82 @@ def train(cfg: DictConfig) -> dict:
     }
     best = best_checkpoint(trainer)
     summary["checkpoint"] = str(best) if best else None
+    score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    summary["checkpoint_score"] = float(score) if score is not None else None
     if cfg.get("evaluate", True) and best is not None and trainer.is_global_zero:
         metrics = evaluate_checkpoint(best, output_dir / "eval", split="val")
         summary["eval"] = {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics}
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(output_dir / "summary.json", summary, indent=2)
         log.info("run summary: %s", json.dumps(summary, indent=2))
     return summary
+
+
+def plugins(trainer_cfg: DictConfig) -> list:
+    """The trainer config's plugins, with checkpoints written atomically unless one of them
+    already says how checkpoints are written."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    chosen = trainer_cfg.get("plugins")
+    chosen = list(instantiate(chosen)) if chosen else []
+    if not any(isinstance(p, CheckpointIO) for p in chosen):
+        chosen.append(AtomicCheckpointIO())
+    return chosen
+
+
+def interrupt_checkpoint(cfg: DictConfig, output_dir: Path) -> InterruptCheckpoint | None:
+    """The SIGTERM/Ctrl-C checkpoint callback (``checkpoint.on_interrupt``), writing
+    ``checkpoint.dir/last.ckpt`` and naming the command that resumes from it."""
+    settings = cfg.get("checkpoint") or {}
+    if not settings.get("on_interrupt", True):
+        return None
+    dirpath = Path(settings.get("dir") or output_dir / "checkpoints")
+    command = resume_command(output_dir, dirpath / "last.ckpt")
+    return InterruptCheckpoint(dirpath=str(dirpath), filename="last", resume_command=command)
+
+
+# Overrides a resume command sets itself, or Hydra, detkit and Lightning's DDP launcher add.
+NOT_REPEATED = {
+    "ckpt_path",
+    "hydra.run.dir",
+    "hydra.searchpath",
+    "hydra.mode",
+    "hydra.job.name",
+    "hydra.output_subdir",
+}
+
+
+def resume_command(run_dir: Path, ckpt: Path) -> str:
+    """The ``detkit train`` command line of this run, continuing in ``run_dir`` from ``ckpt``."""
+    args: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not run by Hydra
+        hydra_cfg = None
+    if hydra_cfg is not None:
+        for source in hydra_cfg.runtime.config_sources:
+            if source.provider == "command-line":
+                args += ["--config-dir", source.path.removeprefix("file://")]
+        for arg in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]:
+            if arg.split("=", 1)[0].lstrip("+~") not in NOT_REPEATED:
+                args.append(arg)
+    words = [*args, f"hydra.run.dir={hydra_value(run_dir)}", f"ckpt_path={hydra_value(ckpt)}"]
+    return shlex.join(["detkit", "train", *words])
+
+
+def hydra_value(value) -> str:
+    """``value`` as a Hydra override value: quoted unless it is plainly a word or a path.
+
+    In Hydra's quoted strings a backslash is literal unless it precedes a quote or the end.
+    """
+    text = str(value)
+    if re.fullmatch(r"[\w./\-]+", text):
+        return text
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def best_checkpoint(trainer: L.Trainer) -> Path | None:

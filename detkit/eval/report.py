@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from detkit.files import write_json
 
 
 def _fmt(value: Any) -> str:
@@ -82,7 +83,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     serialisable = {k: v for k, v in metrics.items() if k not in ("match", "precision")}
-    path.write_text(json.dumps(_plain(serialisable), indent=2))
+    write_json(path, _plain(serialisable), indent=2)
     written = [path]
     if curves is not None:
         count = len(curves)

@@ -14,7 +14,6 @@ Input convention: ``images`` float32 ``[B, 3, H, W]``, RGB in ``[0, 1]``; the gr
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from torch import nn
 from detkit.errors import UserError
 from detkit.export.verify import Comparison, ExportCheckError, compare_detections, sample_images
 from detkit.export.wrappers import ExportWrapper, export_wrapper
+from detkit.files import atomic_path, write_json
 from detkit.structures import unpad_detections
 
 log = logging.getLogger("detkit")
@@ -90,7 +90,7 @@ def export_onnx(
         raise UserError(f"{len(names)} class names for a model of {model.num_classes} classes")
     sidecar = describe(wrapper, names, dynamic_batch, proto_opset, transforms)
     sidecar_path = onnx_path.with_suffix(".json")
-    sidecar_path.write_text(json.dumps(sidecar, indent=2))
+    write_json(sidecar_path, sidecar, indent=2)
     log.info("wrote %s and %s", onnx_path, sidecar_path)
     comparison = None
     if verify:
@@ -147,7 +147,8 @@ def write_onnx(
             optimize=optimize,
             verbose=False,
         )
-    program.save(str(path))
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
