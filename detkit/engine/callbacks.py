@@ -171,14 +171,14 @@ class InterruptCheckpoint(Checkpoint):
         self._validating = False
         self._redo_validation = False
 
+    @property
+    def ckpt_path(self) -> str:
+        return str(Path(self.dirpath) / f"{self.filename}.ckpt")
+
     # ----- Ctrl-C -----------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
-
-    @property
-    def ckpt_path(self) -> str:
-        return str(Path(self.dirpath) / f"{self.filename}.ckpt")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous_sigint is not None:

@@ -25,7 +25,7 @@ from detkit.files import write_bytes
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the checkpoint's folder, then rename.
+    """``torch.save`` into memory, then to a temporary file beside the checkpoint, renamed.
 
     Remote paths (``s3://`` ...) keep Lightning's own writer: object stores replace whole
     objects. A folder that cannot be written, or a full disk, raises

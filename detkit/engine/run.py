@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detkit.engine.callbacks import InterruptCheckpoint, ResumeState
 from detkit.engine.checkpoint import load_detector
@@ -86,8 +86,13 @@ def plugins(trainer_cfg: DictConfig) -> list:
     already says how checkpoints are written."""
     from lightning.pytorch.plugins.io import CheckpointIO
 
-    chosen = trainer_cfg.get("plugins")
-    chosen = list(instantiate(chosen)) if chosen else []
+    configured = trainer_cfg.get("plugins")
+    if configured is None:
+        chosen = []
+    elif isinstance(configured, ListConfig | list):
+        chosen = [instantiate(p) for p in configured]
+    else:
+        chosen = [instantiate(configured)]
     if not any(isinstance(p, CheckpointIO) for p in chosen):
         chosen.append(AtomicCheckpointIO())
     return chosen

@@ -94,3 +94,17 @@ def test_predict_names_a_source_with_no_images(trained, tmp_path, capsys):
     code = cli.main(["predict", f"ckpt={ckpt}", f"source={empty}", f"hydra.run.dir={tmp_path}"])
     assert code == 1
     assert str(empty) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/runs/a/last.ckpt", "/runs/x/last-step=3.ckpt", "/my runs/it's/last.ckpt", "C:\\r\\"]
+    + ["a\\'b"],
+)
+def test_the_resume_command_quotes_paths_as_hydra_reads_them(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from detkit.engine.run import hydra_value
+
+    parsed = OverridesParser.create().parse_override(f"ckpt_path={hydra_value(path)}")
+    assert parsed.value() == path
