@@ -65,9 +65,12 @@ class EpochSampler(DistributedSampler):
             self.start = 0
         self.epoch = int(epoch)
 
-    def resume(self, epoch: int, start: int) -> None:
-        """Continue ``epoch`` after the first ``start`` samples of this process's share."""
+    def resume(self, epoch: int, start: int, seed: int | None = None) -> None:
+        """Continue ``epoch`` (of the run seeded with ``seed``) after the first ``start``
+        samples of this process's share."""
         self.epoch, self.start = int(epoch), max(int(start), 0)
+        if seed is not None:
+            self.seed = int(seed)
 
     def draws(self) -> list[tuple[int, int]]:
         """This process's whole share of the current epoch, ``(index, seed)`` pairs in order."""
@@ -132,8 +135,9 @@ class _global_generators_seeded:  # noqa: N801 - used as a context manager
 class ResumableLoader(DataLoader):
     """A ``DataLoader`` over an :class:`EpochSampler` that can stop and resume mid-epoch.
 
-    Its state is the epoch and the number of samples (of this process's share) handed out
-    in it. Iteration starts lazily, at the first batch requested: Lightning creates the
+    Its state is the seed, the epoch and the number of samples (of this process's share)
+    handed out in it (the seed too: a run started with a random seed resumes with it).
+    Iteration starts lazily, at the first batch requested: Lightning creates the
     iterator before it tells the sampler the epoch, and worker processes would otherwise
     start loading the wrong epoch's samples.
     """
@@ -150,8 +154,10 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.sampler.epoch), "samples": self._handed_out * self.batch_size}
+        sampler = self.sampler
+        samples = self._handed_out * self.batch_size
+        return {"seed": int(sampler.seed), "epoch": int(sampler.epoch), "samples": samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume(state["epoch"], state["samples"])
+        self.sampler.resume(state["epoch"], state["samples"], state.get("seed"))
         self._handed_out = -(-self.sampler.start // self.batch_size)

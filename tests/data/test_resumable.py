@@ -60,9 +60,10 @@ def test_a_new_loader_continues_an_epoch_where_the_saved_state_says(coco_dir):
     next(batches)  # one batch of epoch 1 trained, then the checkpoint
     state = loader.state_dict()
     rest = [(images, [t["boxes"] for t in targets]) for images, targets in batches]
-    assert state == {"epoch": 1, "samples": 2}
+    assert state == {"seed": 0, "epoch": 1, "samples": 2}
 
-    resumed = _module(coco_dir, num_workers=2).train_dataloader()
+    # (another seed in the new run's config: the run being resumed keeps its own)
+    resumed = _module(coco_dir, num_workers=2, seed=7).train_dataloader()
     resumed.load_state_dict(state)
     assert len(resumed) == 2  # the epoch's length, as Lightning counts it
     assert _same(_epoch(resumed, 1), rest)
