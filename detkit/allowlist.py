@@ -51,6 +51,7 @@ PART_PACKAGES = (
     "detkit.data.datamodule",
     "detkit.data.transforms",
     "detkit.data.ssd_augment",
+    "detkit.engine.callbacks",  # the training run's own callbacks (checkpoints, resume state)
 )
 # Modules whose public functions build a part and have no other effect.
 BUILDER_MODULES = (

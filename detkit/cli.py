@@ -46,13 +46,22 @@ def _load(target: str) -> Callable:
     return getattr(module, attr)
 
 
-def run_hydra_app(config_name: str, target: str, overrides: list[str]) -> None:
-    """Run ``target(cfg)`` as a Hydra app with ``overrides`` as its command line."""
+def run_hydra_app(
+    config_name: str, target: str, overrides: list[str], argv: list[str] | None = None
+) -> None:
+    """Run ``target(cfg)`` as a Hydra app with ``overrides`` as its command line.
+
+    ``argv`` is the process's real command line (``detkit train ...``), put back in
+    ``sys.argv`` while ``target`` runs: Lightning's DDP launcher starts the other processes
+    by running ``sys.argv`` again.
+    """
     import hydra
     from omegaconf import DictConfig
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def app(cfg: DictConfig) -> None:
+        if argv is not None:
+            sys.argv = list(argv)
         try:
             _load(target)(cfg)
         except NotBuiltError as err:
@@ -94,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "data" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"action={rest[0]}", *rest[1:]]
     config_name, target = COMMANDS[command]
+    # Only a real command line can be run again (by Lightning's DDP launcher).
+    launch = [sys.argv[0], *args] if argv is None else None
     try:
-        run_hydra_app(config_name, target, rest)
+        run_hydra_app(config_name, target, rest, argv=launch)
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else 1
     return 0

@@ -12,8 +12,11 @@ scores, as trained ones do.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import lightning as L
 import torch
 import torchvision.ops
 from torch import Tensor, nn
@@ -336,3 +339,85 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
             )
             conv.bias.data.zero_()
     return model
+
+
+class SignalAtStep(L.Callback):
+    """Sends ``signal`` (a name: ``SIGKILL``, ``SIGTERM``, ``SIGINT``) to its own training
+    process when exactly ``step`` optimizer steps are done and their checkpoints written
+    (before the next step starts), or, with ``during="val"``, after the first batch of the
+    validation that follows that step. A run resumed past ``step`` never sends it.
+
+    For tests that stop a real training process: ``detkit train ...
+    +callbacks.stop._target_=detkit.testing.SignalAtStep +callbacks.stop.step=5``.
+    """
+
+    def __init__(self, step: int, signal: str = "SIGKILL", during: str = "train") -> None:
+        self.step, self.signal, self.during = int(step), signal, during
+
+    def _send(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self.step:
+            self.step = -1  # once
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if self.during == "train":
+            self._send(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.during == "val" and not trainer.sanity_checking:
+            self._send(trainer)
+
+
+def run_cli(
+    argv: list[str], log_path: str, file_size_limit: int | None = None, env: dict | None = None
+) -> None:
+    """``detkit <argv>`` in this process (with ``env`` added to its environment), its output
+    to ``log_path``; exits with its code.
+
+    The target of the training subprocesses that tests kill (started from a multiprocessing
+    fork server that has imported detkit once, so each run starts in no time).
+    ``file_size_limit`` (bytes) makes every longer write fail as a full disk does.
+    """
+    import multiprocessing
+    import resource
+    import sys
+
+    from detkit import cli
+
+    # As when run from a shell: loader workers fork from this process (a fork server's
+    # children would otherwise start them through the server, slowly).
+    multiprocessing.set_start_method("fork", force=True)
+    os.environ.update(env or {})
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    if file_size_limit is not None:  # (Python ignores SIGXFSZ: the write fails with EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    try:
+        code = cli.main(list(argv))
+    finally:
+        # A multiprocessing child skips the atexit hooks, detkit's worker cleanup among them.
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+    sys.exit(code)
+
+
+def killed_half_way(write, file_size_limit: int) -> bool:
+    """Run ``write()`` in a forked child that the kernel kills (SIGXFSZ) as soon as it writes
+    past ``file_size_limit`` bytes of a file: a crash in the middle of a write. Returns
+    whether it was killed (False: the write finished or failed otherwise)."""
+    import resource
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+            write()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXFSZ

@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
+import signal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detkit.data.collate import collate
+from detkit.data.resumable import EpochSampler, ResumableLoader
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give each worker its own augmentation stream (albumentations keeps its own RNG, which
-    forked workers would otherwise share and repeat every epoch)."""
+    """Set up a loader worker process.
+
+    Workers ignore SIGINT and SIGTERM: Ctrl-C reaches the whole process group and a
+    scheduler's SIGTERM often every process of the job, while the training process still
+    needs its workers to finish the step before it writes a checkpoint; it stops them itself
+    (see :func:`_kill_workers_at_exit`). A dataset read without per-sample seeds (val/test)
+    gets its own stream per worker (albumentations keeps its own RNG, which forked workers
+    would otherwise share).
+    """
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     info = torch.utils.data.get_worker_info()
     if info is not None and hasattr(info.dataset, "reseed"):
         info.dataset.reseed(int(info.seed % 2**32))
+
+
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """At exit, SIGKILL the daemonic children still alive (loader workers of an interrupted
+    run). Python's own exit handler would send them SIGTERM, which workers ignore, and then
+    wait for them forever. Registered once, after multiprocessing's, so it runs before it."""
+
+    def kill_daemons() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill_daemons)
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -25,6 +52,11 @@ class DetectionDataModule(L.LightningDataModule):
     ``val_dataset`` gives the engine ``to_coco()``, ``class_names`` and
     ``label_to_category_id``. Val/test loaders never shuffle. ``persistent_workers=None``
     means "when there are workers".
+
+    The train loader is resumable (see :mod:`detkit.data.resumable`): its order and every
+    sample's augmentation follow from ``seed`` and the epoch, whatever the number of workers
+    or processes, and it can restart mid-epoch. No loader draws from the global random
+    generators, so the model's own random choices are unaffected by loading.
     """
 
     def __init__(
@@ -39,6 +71,7 @@ class DetectionDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         pad_to_multiple: int = 1,
         drop_last: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -53,6 +86,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.pad_to_multiple = int(pad_to_multiple)
         self.drop_last = bool(drop_last)
+        self.seed = int(seed)
 
     @property
     def class_names(self) -> list[str]:
@@ -70,26 +104,44 @@ class DetectionDataModule(L.LightningDataModule):
                 return ds
         raise ValueError("DetectionDataModule: no dataset given")
 
-    def _loader(self, dataset: Dataset | None, name: str, train: bool) -> DataLoader:
+    def _loader_options(self, batch_size: int) -> dict:
+        if self.num_workers > 0:
+            _kill_workers_at_exit()
+        return {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.persistent_workers,
+            "pin_memory": self.pin_memory,
+            "collate_fn": functools.partial(collate, pad_to_multiple=self.pad_to_multiple),
+            "worker_init_fn": seed_worker,
+            # Worker base seeds come from here, not from the training's global generator.
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def _loader(self, dataset: Dataset | None, name: str) -> DataLoader:
         if dataset is None:
             raise ValueError(f"DetectionDataModule: no {name} dataset configured")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=self.drop_last and train,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=functools.partial(collate, pad_to_multiple=self.pad_to_multiple),
-            worker_init_fn=seed_worker,
-        )
+        return DataLoader(dataset, shuffle=False, **self._loader_options(self.eval_batch_size))
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", train=True)
+    def _processes(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the run this data module is attached to."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self.train_dataset is None:
+            raise ValueError("DetectionDataModule: no train dataset configured")
+        world_size, rank = self._processes()
+        sampler = EpochSampler(
+            self.train_dataset, seed=self.seed, shuffle=True, num_replicas=world_size, rank=rank
+        )
+        options = self._loader_options(self.batch_size)
+        return ResumableLoader(self.train_dataset, sampler, drop_last=self.drop_last, **options)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", train=False)
+        return self._loader(self.val_dataset, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test", train=False)
+        return self._loader(self.test_dataset, "test")

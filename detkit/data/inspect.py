@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from detkit.data.datasets.base import DetectionDataset
+from detkit.files import atomic_path
 
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -47,8 +48,8 @@ def browse_grid(
     for k, tile in enumerate(tiles):
         grid.paste(tile, ((k % columns) * cell_w, (k // columns) * cell_h))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path
 
 

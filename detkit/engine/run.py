@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
+import signal
 import time
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detkit.allowlist import checked
 from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
 from detkit.data.splits import build_split
+from detkit.engine.callbacks import InterruptCheckpoint, ResumeState
 from detkit.engine.checkpoint import check_resume_checkpoint
+from detkit.engine.checkpoint_io import AtomicCheckpointIO
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, load_inference_model, run_detector
 from detkit.engine.module import DetectionModule
@@ -27,12 +33,17 @@ log = logging.getLogger("detkit")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split."""
+    """Train ``cfg.model`` on ``cfg.data``; evaluate the best checkpoint on the val split.
+
+    A run resumed with ``ckpt_path=.../last.ckpt`` ends with the same weights and metrics as
+    the run that was never stopped (see :mod:`detkit.engine.callbacks`); SIGTERM and Ctrl-C
+    write that checkpoint before the process exits (with 143 or 130).
+    """
     started = time.perf_counter()
     check_train_inputs(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = safe_instantiate(cfg.data.datamodule)
+    seed = L.seed_everything(cfg.seed, workers=True)
+    datamodule = safe_instantiate(cfg.data.datamodule, seed=seed)
     module = DetectionModule(
         model=safe_instantiate(cfg.model),
         optimizer=safe_instantiate(cfg.optimizer),
@@ -41,9 +52,20 @@ def train(cfg: DictConfig) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [safe_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(ResumeState())
+    interrupt = interrupt_checkpoint(cfg, output_dir)
+    if interrupt is not None:
+        callbacks.append(interrupt)
     loggers = [safe_instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: L.Trainer = safe_instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer: L.Trainer = safe_instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins(cfg.trainer)
+    )
+    try:
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+        )
+    except SIGTERMException:
+        raise SystemExit(interrupt.exit_code if interrupt else 128 + signal.SIGTERM) from None
     summary = {
         "output_dir": str(output_dir),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -53,12 +75,14 @@ def train(cfg: DictConfig) -> dict:
     }
     best = best_checkpoint(trainer)
     summary["checkpoint"] = str(best) if best else None
+    score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    summary["checkpoint_score"] = float(score) if score is not None else None
     if cfg.get("evaluate", True) and best is not None and trainer.is_global_zero:
         metrics = evaluate_checkpoint(best, output_dir / "eval", split="val")
         summary["eval"] = {k: metrics[k] for k in ("AP", "AP50", "AP75") if k in metrics}
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(output_dir / "summary.json", summary, indent=2)
         log.info("run summary: %s", json.dumps(summary, indent=2))
     return summary
 
@@ -68,6 +92,77 @@ def check_train_inputs(cfg: DictConfig) -> None:
     (each build checks its own part again) and a ``ckpt_path`` holding pickled objects."""
     checked(OmegaConf.to_container(cfg, resolve=True), "the train config")
     check_resume_checkpoint(cfg.get("ckpt_path"))
+
+
+def plugins(trainer_cfg: DictConfig) -> list:
+    """The trainer config's plugins, with checkpoints written atomically unless one of them
+    already says how checkpoints are written."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    configured = trainer_cfg.get("plugins")
+    if configured is None:
+        chosen = []
+    elif isinstance(configured, ListConfig | list):
+        chosen = [safe_instantiate(p) for p in configured]
+    else:
+        chosen = [safe_instantiate(configured)]
+    if not any(isinstance(p, CheckpointIO) for p in chosen):
+        chosen.append(AtomicCheckpointIO())
+    return chosen
+
+
+def interrupt_checkpoint(cfg: DictConfig, output_dir: Path) -> InterruptCheckpoint | None:
+    """The SIGTERM/Ctrl-C checkpoint callback (``checkpoint.on_interrupt``), writing
+    ``checkpoint.dir/last.ckpt`` and naming the command that resumes from it."""
+    settings = cfg.get("checkpoint") or {}
+    if not settings.get("on_interrupt", True):
+        return None
+    dirpath = Path(settings.get("dir") or output_dir / "checkpoints")
+    command = resume_command(output_dir, dirpath / "last.ckpt")
+    return InterruptCheckpoint(dirpath=str(dirpath), filename="last", resume_command=command)
+
+
+# Overrides a resume command sets itself, or Hydra, detkit and Lightning's DDP launcher add.
+NOT_REPEATED = {
+    "ckpt_path",
+    "hydra.run.dir",
+    "hydra.searchpath",
+    "hydra.mode",
+    "hydra.job.name",
+    "hydra.output_subdir",
+}
+
+
+def resume_command(run_dir: Path, ckpt: Path) -> str:
+    """The ``detkit train`` command line of this run, continuing in ``run_dir`` from ``ckpt``."""
+    args: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not run by Hydra
+        hydra_cfg = None
+    if hydra_cfg is not None:
+        for source in hydra_cfg.runtime.config_sources:
+            if source.provider == "command-line":
+                args += ["--config-dir", source.path.removeprefix("file://")]
+        for arg in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]:
+            if arg.split("=", 1)[0].lstrip("+~") not in NOT_REPEATED:
+                args.append(arg)
+    words = [*args, f"hydra.run.dir={hydra_value(run_dir)}", f"ckpt_path={hydra_value(ckpt)}"]
+    return shlex.join(["detkit", "train", *words])
+
+
+def hydra_value(value) -> str:
+    """``value`` as a Hydra override value: quoted unless it is plainly a word or a path.
+
+    In Hydra's quoted strings a backslash is literal unless it precedes a quote or the end.
+    """
+    text = str(value)
+    if re.fullmatch(r"[\w./\-]+", text):
+        return text
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def best_checkpoint(trainer: L.Trainer) -> Path | None:

@@ -27,7 +27,7 @@ from detkit.errors import UserError
 from detkit.eval.compare import Comparison, compare_detections
 from detkit.export.verify import ExportCheckError, sample_images
 from detkit.export.wrappers import ExportWrapper, export_wrapper
-from detkit.files import write_json
+from detkit.files import atomic_path, write_json
 from detkit.structures import unpad_detections
 
 log = logging.getLogger("detkit")
@@ -150,7 +150,8 @@ def write_onnx(
             optimize=optimize,
             verbose=False,
         )
-    program.save(str(path))
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))

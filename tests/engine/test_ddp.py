@@ -1,13 +1,18 @@
-"""Two CPU processes over gloo: training runs, and the validation metric sees each image once
-although the distributed sampler repeats one to even out the shards."""
+"""Two CPU processes over gloo: training runs, the validation metric sees each image once
+although the distributed sampler repeats one to even out the shards, and the run's summary
+is the one a single process would write."""
 
 import functools
+import json
+import subprocess
+import sys
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from detkit import cli
 from detkit.data import COCODetection, collate
 from detkit.engine.module import DetectionModule
 from detkit.eval import DetectionMetric, evaluate_coco
@@ -114,3 +119,34 @@ def test_two_process_ddp_scores_a_coco_file_as_pycocotools_does(tmp_path):
         ("val/APl", "APl"),
     ):
         assert logged[name].item() == pytest.approx(reference[key], abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_ddp_run_of_the_digits_recipe_reports_what_one_process_would(tmp_path):
+    """`detkit train trainer=ddp`: 2 processes on CPU. The summary has the real epochs, steps
+    and best checkpoint, and the val/mAP logged during training is what `detkit eval` gives
+    for the checkpoint on the same split (15 images: one is shared out twice)."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "detkit.cli", "train",
+        "experiment=digits_faster_rcnn", "trainer=ddp", "trainer.max_epochs=4",
+        f"data.root={tmp_path / 'digits'}", "data.n_train=15", "data.n_val=2",
+        "data.image_size=128", "model.image_size=128", "data.datamodule.batch_size=2",
+        # validate on the 15 training images: enough for the detector to score above 0
+        "data.datamodule.val.split=train", "scheduler.warmup_steps=0",
+        "callbacks.progress_bar=null", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 4
+    assert summary["steps"] == 16  # 8 images a process (one repeated), 4 batches, 4 epochs
+    assert summary["checkpoint"] == str(run / "checkpoints" / "best.ckpt")
+    # The best checkpoint, evaluated after training (as `detkit eval` does), scores what
+    # validation logged for it; so does the last one.
+    assert summary["eval"]["AP"] > 0
+    assert summary["eval"]["AP"] == pytest.approx(summary["checkpoint_score"], abs=1e-6)
+    last = run / "checkpoints" / "last.ckpt"
+    assert cli.main(["eval", f"ckpt={last}", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["AP"] == pytest.approx(summary["val"]["val/mAP"], abs=1e-6)

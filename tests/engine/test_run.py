@@ -315,3 +315,17 @@ def test_eval_refuses_pycocotools_for_voc_protocols(trained, protocol, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "backend=pycocotools" in err and protocol in err
     assert not (out / "results.json").exists()  # refused before the model ran
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/runs/a/last.ckpt", "/runs/x/last-step=3.ckpt", "/my runs/it's/last.ckpt", "C:\\r\\"]
+    + ["a\\'b"],
+)
+def test_the_resume_command_quotes_paths_as_hydra_reads_them(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from detkit.engine.run import hydra_value
+
+    parsed = OverridesParser.create().parse_override(f"ckpt_path={hydra_value(path)}")
+    assert parsed.value() == path

@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import importlib.util
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 
 from detkit.data.datasets.coco import COCODetection
+from detkit.files import write_json
 
 CLASS_NAMES = [str(d) for d in range(10)]
 SPLITS = ("train", "val")
@@ -193,7 +193,7 @@ def _write_split(
         for write in writes:
             write.result()
     ann_file = out_dir / f"{split}.json"
-    ann_file.write_text(json.dumps(coco))
+    write_json(ann_file, coco)
     return ann_file
 
 
@@ -241,9 +241,7 @@ def build_digits(
         counts = {"train": params["n_train"], "val": params["n_val"]}
         for split in SPLITS:
             _write_split(out_dir, split, counts[split], params["seed"], image_size, mnist)
-        tmp = manifest.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(params))
-        tmp.replace(manifest)  # written last: a crash mid-build means a rebuild next time
+        write_json(manifest, params)  # written last: a crash mid-build means a rebuild next time
     return paths
 
 
