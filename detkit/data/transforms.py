@@ -141,21 +141,22 @@ def ssd_train(
     IoU-constrained random crop, horizontal flip, resize to ``size``.
 
     ``crop_p``/``crop_min_scale`` soften the crop for short schedules (the paper: 1.0/0.3);
-    ``flip_p=0`` is for data whose classes are not mirror-symmetric, such as digits."""
+    ``flip_p=0`` is for data whose classes are not mirror-symmetric, such as digits. A step
+    whose probability is 0 is left out of the pipeline (the others draw from their own
+    generators, so they are unchanged): albumentations would still check and convert every
+    box after it, which costs as much as a cheap transform."""
     height, width = _hw(size)
+    steps = [
+        # torchvision's SSD photometric distortion ranges, each applied half the time
+        A.ColorJitter(
+            brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=float(photometric_p)
+        ),
+        ZoomOut(max_scale=float(max_zoom), fill=_plain(mean), p=float(zoom_out_p)),
+        SSDRandomCrop(min_ious=_plain(min_ious), min_scale=float(crop_min_scale), p=float(crop_p)),
+        A.HorizontalFlip(p=float(flip_p)),
+    ]
     return DetectionTransform(
-        [
-            # torchvision's SSD photometric distortion ranges, each applied half the time
-            A.ColorJitter(
-                brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=float(photometric_p)
-            ),
-            ZoomOut(max_scale=float(max_zoom), fill=_plain(mean), p=float(zoom_out_p)),
-            SSDRandomCrop(
-                min_ious=_plain(min_ious), min_scale=float(crop_min_scale), p=float(crop_p)
-            ),
-            A.HorizontalFlip(p=float(flip_p)),
-            A.Resize(height, width, interpolation=cv2.INTER_LINEAR),
-        ]
+        [*(t for t in steps if t.p > 0), A.Resize(height, width, interpolation=cv2.INTER_LINEAR)]
     )
 
 

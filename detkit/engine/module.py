@@ -35,6 +35,10 @@ class DetectionModule(L.LightningModule):
     validation loss and the mAP come from one pass over the data. When the val dataset has
     ``coco_ground_truth()`` (every detkit dataset), the metric scores against it: for a COCO
     file, the file as written, so ``val/mAP`` is the official number.
+
+    ``channels_last`` keeps the weights and every batch in NHWC memory order, which oneDNN's
+    CPU convolutions run faster (no layout conversions around each one) and which makes the
+    SSD head's NHWC permute free; numbers are the same up to float rounding.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class DetectionModule(L.LightningModule):
         metric: Any | None = None,
         config: dict | None = None,
         no_weight_decay_on_norm_and_bias: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -55,13 +60,21 @@ class DetectionModule(L.LightningModule):
         self.config = config or {}
         self.no_weight_decay_on_norm_and_bias = no_weight_decay_on_norm_and_bias
         self._ground_truth_from_data = False  # the metric scores a val dataset's ground truth
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, targets: Targets | None = None):
         return self.model(images, targets)
 
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        out = self.model(images, training_targets(targets))
+        out = self.model(self._images(images), training_targets(targets))
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -77,7 +90,7 @@ class DetectionModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        out = self.model(images, training_targets(targets))
+        out = self.model(self._images(images), training_targets(targets))
         batch_size = len(targets)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         if self.metric is not None:

@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     check_train_inputs(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    set_threads(cfg.get("torch_threads"))
     seed = L.seed_everything(cfg.seed, workers=True)
     datamodule = safe_instantiate(cfg.data.datamodule, seed=seed)
     module = DetectionModule(
@@ -50,6 +51,7 @@ def train(cfg: DictConfig) -> dict:
         scheduler=safe_instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         metric=build_metric(cfg.data),
         config=OmegaConf.to_container(cfg, resolve=True),
+        channels_last=bool(cfg.get("channels_last", False)),
     )
     callbacks = [safe_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(ResumeState())
@@ -85,6 +87,18 @@ def train(cfg: DictConfig) -> dict:
         write_json(output_dir / "summary.json", summary, indent=2)
         log.info("run summary: %s", json.dumps(summary, indent=2))
     return summary
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch_threads``: the training process's intra-op threads (None: torch's default).
+    Loader workers always run one thread each (the DataLoader sets that)."""
+    if threads is None:
+        return
+    if int(threads) < 1:
+        raise UserError(f"torch_threads must be a positive number or null, got {threads}")
+    import torch
+
+    torch.set_num_threads(int(threads))
 
 
 def check_train_inputs(cfg: DictConfig) -> None:

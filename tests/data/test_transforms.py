@@ -146,3 +146,32 @@ def test_builders_accept_hydra_lists():
 def test_bad_size_is_a_clear_error():
     with pytest.raises(ValueError, match="transform size"):
         T.eval_resize([1, 2, 3])
+
+
+def test_ssd_train_leaves_out_steps_that_never_fire():
+    """Steps with probability 0 are not in the pipeline, and the samples are those of the
+    pipeline that keeps them: every step draws from its own generator."""
+    import albumentations as A
+    import cv2
+
+    light = T.ssd_train(64, photometric_p=0.0, zoom_out_p=0.0, crop_p=0.7, flip_p=0.0)
+    assert [type(t).__name__ for t in light.pipeline.transforms] == ["SSDRandomCrop", "Resize"]
+    kept = T.DetectionTransform(
+        [
+            A.ColorJitter(p=0.0),
+            ZoomOut(p=0.0),
+            SSDRandomCrop(min_scale=0.3, p=0.7),
+            A.HorizontalFlip(p=0.0),
+            A.Resize(64, 64, interpolation=cv2.INTER_LINEAR),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 40, 50], [30, 20, 85, 70]], np.float32)
+    for seed in range(12):
+        light.set_random_seed(seed)
+        kept.set_random_seed(seed)
+        ours, theirs = light(image, boxes, np.arange(2)), kept(image, boxes, np.arange(2))
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        np.testing.assert_array_equal(ours[1], theirs[1])
+        np.testing.assert_array_equal(ours[2], theirs[2])
