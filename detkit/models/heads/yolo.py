@@ -204,6 +204,9 @@ class YOLOv8Head(nn.Module):
             image, so the thousands of empty cells do not swamp the first updates (about
             twice as fast to fit as a flat 1% on the digits).
         prior_prob: a flat initial class probability instead (RetinaNet's bias init).
+        box_branch, class_branch: ``"conv"`` (two 3x3 convs, YOLOv8) or ``"depthwise"``
+            (two depthwise 3x3 + pointwise pairs, YOLO11's classification branch: a fraction
+            of the cost at the same width).
 
     The box logits start uniform (every side at the middle of its range).
     """
@@ -219,9 +222,14 @@ class YOLOv8Head(nn.Module):
         image_size: int | Sequence[int] = 640,
         objects_per_image: float = 5.0,
         prior_prob: float | None = None,
+        box_branch: str = "conv",
+        class_branch: str = "conv",
     ) -> None:
         super().__init__()
         in_channels = [int(c) for c in in_channels]
+        for kind in (box_branch, class_branch):
+            if kind not in BRANCHES:
+                raise ValueError(f"YOLOv8Head: branch {kind!r} is not one of {BRANCHES}")
         if len(strides) != len(in_channels):
             raise ValueError(
                 f"YOLOv8Head: {len(in_channels)} levels (in_channels) but {len(strides)} strides"
@@ -235,10 +243,10 @@ class YOLOv8Head(nn.Module):
         box_ch = box_channels or max(16, in_channels[0] // 4, 4 * self.reg_max)
         cls_ch = class_channels or max(in_channels[0], min(self.num_classes, 100))
         self.box_branches = nn.ModuleList(
-            _branch(c, int(box_ch), 4 * self.reg_max) for c in in_channels
+            _branch(box_branch, c, int(box_ch), 4 * self.reg_max) for c in in_channels
         )
         self.class_branches = nn.ModuleList(
-            _branch(c, int(cls_ch), self.num_classes) for c in in_channels
+            _branch(class_branch, c, int(cls_ch), self.num_classes) for c in in_channels
         )
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         for box, cls, stride in zip(self.box_branches, self.class_branches, strides, strict=True):
@@ -267,8 +275,18 @@ class YOLOv8Head(nn.Module):
         return outputs.class_logits.float().sigmoid()
 
 
-def _branch(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
-    """Two 3x3 ConvBNAct and a 1x1 predictor (small normal init)."""
+BRANCHES = ("conv", "depthwise")
+
+
+def _branch(kind: str, in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
+    """Two 3x3 ConvBNAct (or depthwise 3x3 + pointwise pairs) and a 1x1 predictor."""
+    if kind == "conv":
+        layers = [ConvBNAct(in_ch, hidden, 3), ConvBNAct(hidden, hidden, 3)]
+    else:
+        layers = [
+            ConvBNAct(in_ch, in_ch, 3, groups=in_ch), ConvBNAct(in_ch, hidden, 1),
+            ConvBNAct(hidden, hidden, 3, groups=hidden), ConvBNAct(hidden, hidden, 1),
+        ]  # fmt: skip
     predictor = nn.Conv2d(hidden, out_ch, 1)
     nn.init.normal_(predictor.weight, std=0.01)
-    return nn.Sequential(ConvBNAct(in_ch, hidden, 3), ConvBNAct(hidden, hidden, 3), predictor)
+    return nn.Sequential(*layers, predictor)
