@@ -276,7 +276,7 @@ def _precise_batchnorm(model, images):
         model(images, return_detections=True)
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", ["v1", "v3", "v8"])
 def test_overfit_a_few_digits_images_reaches_high_ap50(version):
     from torchmetrics.detection import MeanAveragePrecision
 
@@ -285,8 +285,10 @@ def test_overfit_a_few_digits_images_reaches_high_ap50(version):
     if version == "v1":  # a 4x4 grid of 32-px cells, two predictors each
         trunk = CSPDarknet(TINY, out_stages=(4,))
         model = yolov1(10, 128, trunk, grid_size=4, downsample=False)
-    else:
+    elif version == "v3":
         model = _tiny_v3(num_classes=10, size=128)
+    else:  # anchor-free: distances with DFL, task-aligned assignment
+        model = yolov8(10, 128, CSPDarknet(TINY), reg_max=8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(50):
         loss = model(images, targets).loss
