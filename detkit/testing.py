@@ -326,7 +326,9 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
         for images in batches:
             features = model.backbone(model.normalize(images))
             if hasattr(model, "neck"):
-                model.neck(features)
+                features = model.neck(features)
+            if hasattr(model.head, "class_branches"):  # the anchor-free head has BatchNorm too
+                model.head(features)
     model.eval()
     gen = torch.Generator().manual_seed(1)
     if hasattr(model.head, "class_branches"):  # anchor-free YOLO: class and box predictors
