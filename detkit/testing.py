@@ -314,7 +314,9 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
     """Make a detector's random weights behave like trained ones, for tests and benchmarks of
     inference: BatchNorm statistics measured on ``batches`` (``[B, 3, H, W]`` images in
     ``[0, 1]``; with the initial statistics deep activations vanish and every location
-    predicts the same, exactly tied, scores) and YOLO predictors without their 1% prior bias."""
+    predicts the same, exactly tied, scores) and YOLO predictors without their prior bias
+    (class logits of spread ~1; boxes near their anchors or, anchor-free, distance
+    distributions near uniform)."""
     for layer in model.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.reset_running_stats()
@@ -324,10 +326,24 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
         for images in batches:
             features = model.backbone(model.normalize(images))
             if hasattr(model, "neck"):
-                model.neck(features)
+                features = model.neck(features)
+            if hasattr(model.head, "class_branches"):  # the anchor-free head has BatchNorm too
+                model.head(features)
     model.eval()
-    if model.family == "yolo":
-        gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    if hasattr(model.head, "class_branches"):  # anchor-free YOLO: class and box predictors
+        # Distance distributions leaning to the first bins (sides of ~1.5 strides, as a
+        # trained model's small digits), so NMS keeps neighbouring boxes apart.
+        bins = torch.arange(model.head.reg_max, dtype=torch.float32)
+        for branch, spread, bias in (
+            (model.head.class_branches, 0.3, torch.zeros(model.num_classes)),
+            (model.head.box_branches, 0.05, (-0.5 * bins).repeat(4)),
+        ):
+            for conv in (layers[-1] for layers in branch):
+                weight = torch.randn(conv.weight.shape, generator=gen)
+                conv.weight.data.copy_(weight * spread / conv.weight[0].numel() ** 0.5)
+                conv.bias.data.copy_(bias)
+    elif model.family == "yolo":
         for conv in model.head.predictors:
             # Box offsets small (a trained model's boxes stay near their anchors), class and
             # objectness logits of spread ~1.

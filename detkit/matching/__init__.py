@@ -4,8 +4,9 @@ Everything works on whole batches (padded ground truth with a mask, see
 :func:`detkit.structures.pad_targets`); nothing loops over images.
 """
 
+from detkit.matching.anchor_points import AnchorPointGrid, AnchorPoints
 from detkit.matching.anchors import AnchorGenerator, DefaultBoxGenerator
-from detkit.matching.box_coders import DeltaXYWHCoder, YOLOv1Coder, YOLOv3Coder
+from detkit.matching.box_coders import DeltaXYWHCoder, DistanceCoder, YOLOv1Coder, YOLOv3Coder
 from detkit.matching.fused import (
     MatchStats,
     match_stats_chunked,
@@ -14,6 +15,11 @@ from detkit.matching.fused import (
 )
 from detkit.matching.matcher import Matcher, MatchResult, SSDMatcher, match_priors
 from detkit.matching.samplers import BalancedPositiveNegativeSampler, HardNegativeSampler
+from detkit.matching.task_aligned import (
+    TaskAlignedAssigner,
+    TaskAlignedAssignment,
+    assign_task_aligned,
+)
 from detkit.matching.yolo_assign import (
     YOLOv1Assignment,
     YOLOv3Assignment,
@@ -32,14 +38,19 @@ from detkit.matching.yolo_priors import (
 
 __all__ = [
     "AnchorGenerator",
+    "AnchorPointGrid",
+    "AnchorPoints",
     "BalancedPositiveNegativeSampler",
     "DefaultBoxGenerator",
     "DeltaXYWHCoder",
+    "DistanceCoder",
     "HardNegativeSampler",
     "MatchResult",
     "MatchStats",
     "Matcher",
     "SSDMatcher",
+    "TaskAlignedAssigner",
+    "TaskAlignedAssignment",
     "YOLOGrid",
     "YOLOPriors",
     "YOLOv1Cells",
@@ -48,6 +59,7 @@ __all__ = [
     "YOLOv1Coder",
     "YOLOv3Assignment",
     "YOLOv3Coder",
+    "assign_task_aligned",
     "assign_yolov1",
     "assign_yolov3",
     "fit_anchors",

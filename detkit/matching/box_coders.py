@@ -7,9 +7,10 @@ Every coder has the same two methods, reference first:
 
 The reference is what the detector's prior generator made for the image size: prior boxes
 ``[P, 4]`` for :class:`DeltaXYWHCoder`, a :class:`~detkit.matching.YOLOGrid` for
-:class:`YOLOv3Coder`, the :class:`~detkit.matching.YOLOv1Cells` for :class:`YOLOv1Coder`.
-All coders broadcast over leading dimensions, so ``[B, P, 4]`` predictions against ``[P, 4]``
-priors work without a loop over images.
+:class:`YOLOv3Coder`, the :class:`~detkit.matching.YOLOv1Cells` for :class:`YOLOv1Coder`, an
+:class:`~detkit.matching.AnchorPointGrid` for :class:`DistanceCoder`. All coders broadcast
+over leading dimensions, so ``[B, P, 4]`` predictions against ``[P, 4]`` priors work without
+a loop over images.
 """
 
 from __future__ import annotations
@@ -162,3 +163,57 @@ class YOLOv1Coder:
         cx = (codes[..., 0] + cells.grid_xy[..., 0]) * img_w / s
         cy = (codes[..., 1] + cells.grid_xy[..., 1]) * img_h / s
         return _corners(cx, cy, codes[..., 2].square() * img_w, codes[..., 3].square() * img_h)
+
+
+class DistanceCoder:
+    """Anchor-free boxes as distances (left, top, right, bottom) from an anchor point, in
+    units of its stride, predicted as a discrete distribution (distribution focal loss, Li
+    et al. 2020; YOLOv8).
+
+    The reference is an :class:`~detkit.matching.AnchorPointGrid` (or rows of one):
+    ``points [..., 2]`` (x, y) pixels, ``stride [...]`` pixels. ``encode`` gives the four
+    distances of a box from its point in stride units (not clamped: the loss clamps them to
+    the distribution's support ``[0, reg_max - 1]``). ``decode`` takes the raw head outputs,
+    logits ``[..., 4, reg_max]`` over the bins ``0, 1, ..., reg_max - 1``, and uses the
+    expectation of each side's softmax as its distance, so boxes reach at most
+    ``(reg_max - 1) * stride`` from their point on each side.
+
+    Args:
+        reg_max: bins per side (16 in YOLOv8).
+    """
+
+    def __init__(self, reg_max: int = 16) -> None:
+        if int(reg_max) < 2:
+            raise ValueError(f"DistanceCoder: reg_max must be >= 2 bins, got {reg_max}")
+        self.reg_max = int(reg_max)
+
+    def encode(self, grid, boxes: Tensor) -> Tensor:
+        """Distances ``[..., 4]`` (left, top, right, bottom) / stride of ``boxes`` (xyxy)."""
+        _check_last_dim("boxes", boxes, 4)
+        points = grid.points.to(boxes.dtype)
+        stride = grid.stride.to(boxes.dtype)[..., None]
+        return torch.cat((points - boxes[..., :2], boxes[..., 2:] - points), dim=-1) / stride
+
+    def distances(self, logits: Tensor) -> Tensor:
+        """The expected distance ``[..., 4]`` (stride units) of each side's distribution."""
+        if logits.dim() < 2 or tuple(logits.shape[-2:]) != (4, self.reg_max):
+            raise ValueError(
+                f"DistanceCoder(reg_max={self.reg_max}): logits must have shape "
+                f"[..., 4, {self.reg_max}], got {tuple(logits.shape)}"
+            )
+        bins = torch.arange(self.reg_max, dtype=logits.dtype, device=logits.device)
+        return logits.softmax(dim=-1) @ bins
+
+    def boxes(self, grid, distances: Tensor) -> Tensor:
+        """Boxes ``[..., 4]`` xyxy pixels from distances ``[..., 4]`` in stride units."""
+        _check_last_dim("distances", distances, 4)
+        points = grid.points.to(distances.dtype)
+        scaled = distances * grid.stride.to(distances.dtype)[..., None]
+        return torch.cat((points - scaled[..., :2], points + scaled[..., 2:]), dim=-1)
+
+    def decode(self, grid, logits: Tensor) -> Tensor:
+        """Boxes ``[..., 4]`` xyxy pixels from distribution logits ``[..., 4, reg_max]``."""
+        return self.boxes(grid, self.distances(logits))
+
+    def __repr__(self) -> str:
+        return f"DistanceCoder(reg_max={self.reg_max})"

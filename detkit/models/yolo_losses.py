@@ -1,13 +1,15 @@
 """YOLO losses, batched over padded ground truth (no loop over images).
 
-Both are called as ``loss(outputs, reference, box_coder, gt)``: the head's outputs, the
+All are called as ``loss(outputs, reference, box_coder, gt)``: the head's outputs, the
 reference of the detector's prior generator (:class:`~detkit.matching.YOLOv1Cells` /
-:class:`~detkit.matching.YOLOGrid`), the detector's box coder and the padded ground truth.
-Assignment comes from :mod:`detkit.matching` (``assign_yolov1`` / ``assign_yolov3``).
+:class:`~detkit.matching.YOLOGrid` / :class:`~detkit.matching.AnchorPointGrid`), the
+detector's box coder and the padded ground truth. Assignment comes from
+:mod:`detkit.matching` (``assign_yolov1`` / ``assign_yolov3`` / ``TaskAlignedAssigner``).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -155,3 +157,75 @@ class YOLOv3Loss(nn.Module):
         ).sum(-1)
         wh = (pos_raw[:, 2:4] - target[:, 2:]).square().sum(-1)
         return (scale * (xy + wh)).sum()
+
+
+def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Distribution focal loss (Li et al. 2020) ``[...]`` of ``logits [..., R]`` over the bins
+    ``0..R-1`` for continuous targets ``[...]`` in ``[0, R - 1)``: cross-entropy towards the two
+    bins around the target, weighted by its distance to the other one, so the distribution's
+    expectation is pulled onto the target."""
+    left = target.long()
+    right_weight = target - left
+    log_prob = logits.log_softmax(dim=-1)
+    picked = log_prob.gather(-1, torch.stack((left, left + 1), dim=-1))
+    return -(picked[..., 0] * (1 - right_weight) + picked[..., 1] * right_weight)
+
+
+class YOLOv8Loss(nn.Module):
+    """The anchor-free YOLO loss (YOLOv8): task-aligned assignment, BCE classification
+    against the normalised alignment as soft target, CIoU and distribution focal loss on the
+    positives, each positive weighted by its soft target.
+
+    ``loss(outputs, grid, box_coder, gt)``: the :class:`~detkit.models.heads.yolo.YOLOv8Output`,
+    the :class:`~detkit.matching.AnchorPointGrid`, the :class:`~detkit.matching.DistanceCoder`
+    and the padded ground truth. Every term is summed and divided by the sum of the soft
+    targets (at least 1), as YOLOv8 does; the terms are logged as ``classification``,
+    ``box_regression`` (CIoU) and ``distribution_focal``.
+
+    Args:
+        assigner: ``(scores [B, P, C], boxes [B, P, 4], points [P, 2], gt) ->``
+            :class:`~detkit.matching.TaskAlignedAssignment` (e.g.
+            :class:`~detkit.matching.TaskAlignedAssigner`, the default).
+        box_weight, classification_weight, dfl_weight: term weights (YOLOv8: 7.5, 0.5, 1.5).
+    """
+
+    def __init__(
+        self,
+        assigner: object | None = None,
+        box_weight: float = 7.5,
+        classification_weight: float = 0.5,
+        dfl_weight: float = 1.5,
+    ) -> None:
+        super().__init__()
+        if assigner is None:
+            from detkit.matching import TaskAlignedAssigner
+
+            assigner = TaskAlignedAssigner()
+        self.assigner = assigner
+        self.box_weight = float(box_weight)
+        self.classification_weight = float(classification_weight)
+        self.dfl_weight = float(dfl_weight)
+
+    def forward(self, outputs, grid, box_coder, gt: PaddedTargets) -> dict[str, Tensor]:
+        gt = with_padding_slot(gt)
+        logits = outputs.class_logits.float()
+        box_logits = outputs.box.float()
+        pred_boxes = box_coder.decode(grid, box_logits)
+        assign = self.assigner(logits.detach().sigmoid(), pred_boxes.detach(), grid.points, gt)
+        target_scores = assign.target_scores.to(logits.dtype)
+        norm = target_scores.sum().clamp(min=1.0)
+        cls_loss = F.binary_cross_entropy_with_logits(logits, target_scores, reduction="sum")
+
+        # Targets for every point (cheap: P is small), then the positives' rows.
+        matched_boxes = _gather(gt.boxes.float(), assign.matched_gt)  # [B, P, 4]
+        reg_max = box_logits.shape[-1]
+        distances = box_coder.encode(grid, matched_boxes).clamp(0, reg_max - 1 - 0.01)
+        pos = assign.pos_mask
+        weight = target_scores.sum(-1)[pos]
+        ciou = ciou_loss(pred_boxes[pos], matched_boxes[pos])
+        dfl = distribution_focal_loss(box_logits[pos], distances[pos]).mean(-1)
+        return {
+            "classification": self.classification_weight * cls_loss / norm,
+            "box_regression": self.box_weight * (ciou * weight).sum() / norm,
+            "distribution_focal": self.dfl_weight * (dfl * weight).sum() / norm,
+        }

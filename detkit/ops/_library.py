@@ -8,6 +8,7 @@ Stable API (used by boxes.py, nms.py and roi.py):
 - :func:`have_triton` - whether the Triton launchers can be imported.
 - :func:`register_triton_cuda` - route an op's CUDA key to a launcher in
   :mod:`detkit.ops.kernels`, imported lazily so that importing detkit never needs triton.
+- :func:`eager_cpu` - whether a call may skip the custom-op dispatcher.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def upcast_float32(tensor: Tensor) -> Tensor:
     if tensor.dtype in _HALF_TYPES or not tensor.is_floating_point():
         return tensor.float()
     return tensor
+
+
+def eager_cpu(*tensors: Tensor) -> bool:
+    """True for plain CPU tensors outside graph capture.
+
+    A Python-registered custom op costs tens of microseconds of dispatch per call, which is
+    what NMS on a few hundred boxes takes in all. Only graph capture (``torch.compile``,
+    ``torch.export``, the ONNX exporter) needs the op: it traces with tensor subclasses (fake
+    or functional tensors) or under dynamo, and then always goes through the op; the CUDA
+    path does too (its kernel is registered on the op). Ops without gradients only.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is Tensor and t.device.type == "cpu" for t in tensors)
 
 
 @cache

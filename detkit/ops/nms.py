@@ -41,7 +41,7 @@ import torch
 import torchvision  # noqa: F401 - registers torch.ops.torchvision
 from torch import Tensor
 
-from detkit.ops._library import NAMESPACE, register_triton_cuda, upcast_float32
+from detkit.ops._library import NAMESPACE, eager_cpu, register_triton_cuda, upcast_float32
 from detkit.ops.boxes import box_iou
 from detkit.ops.nms_grouped import promote
 from detkit.ops.nms_multiclass import cpu_keep, multiclass_select
@@ -59,10 +59,14 @@ def _check_nms_args(name: str, boxes: Tensor, scores: Tensor, iou_threshold: flo
         raise ValueError(f"{name}: iou_threshold must be in [0, 1], got {iou_threshold}")
 
 
-@torch.library.custom_op(f"{NAMESPACE}::nms", mutates_args=())
-def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def _nms_cpu(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     boxes, scores = promote(boxes, scores)
     return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::nms", mutates_args=())
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    return _nms_cpu(boxes, scores, iou_threshold)
 
 
 @_nms_op.register_fake
@@ -77,6 +81,8 @@ register_triton_cuda(_nms_op, "boxes_nms", "nms")
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS; same keep indices (sorted by score, ties by index) as torchvision.ops.nms."""
     _check_nms_args("nms", boxes, scores, iou_threshold)
+    if eager_cpu(boxes, scores):
+        return _nms_cpu(boxes, scores, float(iou_threshold))
     return _nms_op(boxes, scores, float(iou_threshold))
 
 
@@ -103,6 +109,10 @@ def _batched_nms_per_group(boxes: Tensor, scores: Tensor, idxs: Tensor, thr: flo
 
 @torch.library.custom_op(f"{NAMESPACE}::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    return _batched_nms_cpu(boxes, scores, idxs, iou_threshold)
+
+
+def _batched_nms_cpu(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     boxes, scores = promote(boxes, scores)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
@@ -125,6 +135,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     _check_nms_args("batched_nms", boxes, scores, iou_threshold)
     if idxs.shape != scores.shape:
         raise ValueError(f"batched_nms: idxs must be [N], got {tuple(idxs.shape)}")
+    if eager_cpu(boxes, scores, idxs):
+        return _batched_nms_cpu(boxes, scores, idxs, float(iou_threshold))
     return _batched_nms_op(boxes, scores, idxs, float(iou_threshold))
 
 
@@ -226,15 +238,10 @@ def multiclass_nms(
     _check_multiclass_args(
         boxes, scores, iou_threshold, max_detections, pre_nms_top_k, per_class_top_k
     )
-    return _multiclass_nms_op(
-        boxes,
-        scores,
-        float(score_threshold),
-        float(iou_threshold),
-        int(max_detections),
-        pre_nms_top_k,
-        per_class_top_k,
-    )
+    args = (float(score_threshold), float(iou_threshold), int(max_detections))
+    if eager_cpu(boxes, scores):
+        return multiclass_select(boxes, scores, *args, pre_nms_top_k, per_class_top_k, cpu_keep)
+    return _multiclass_nms_op(boxes, scores, *args, pre_nms_top_k, per_class_top_k)
 
 
 def soft_nms(

@@ -113,5 +113,5 @@ def test_each_key_overrides_without_plus_and_reaches_the_trainer(tmp_path, key):
 
 def test_the_other_trainer_configs_keep_their_settings(tmp_path):
     cfg = compose_config("train", ["trainer=ddp"]).trainer
-    assert (cfg.strategy, cfg.devices, cfg.max_steps) == ("ddp_spawn", 2, -1)
+    assert (cfg.strategy, cfg.devices, cfg.max_steps) == ("ddp", 2, -1)
     assert compose_config("train", ["trainer=cpu", "trainer.max_steps=5"]).trainer.max_steps == 5

@@ -15,7 +15,7 @@ from detkit.eval.compare import compare_detections
 from detkit.export import export_onnx
 from detkit.structures import unpad_detections
 
-FAMILIES = ["ssd_digits", "yolo_digits", "faster_rcnn_digits"]
+FAMILIES = ["ssd_digits", "yolo_digits", "yolov8_digits", "faster_rcnn_digits"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -90,5 +90,5 @@ def test_sidecar_describes_the_graph(exported):
     assert norm["inside_graph"] is True
     assert norm["mean"] == pytest.approx(model.normalize.mean.flatten().tolist())
     assert [o["name"] for o in info["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
-    assert info["family"] == name.split("_digits")[0].replace("yolo", "yolo")
+    assert info["family"] == model.family and name.startswith(model.family)
     assert info["opset"] >= 18 and info["nms"] is True

@@ -4,7 +4,16 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
-from detkit.matching import DeltaXYWHCoder, YOLOGrid, YOLOv1Cells, YOLOv1Coder, YOLOv3Coder
+from detkit.matching import (
+    AnchorPointGrid,
+    AnchorPoints,
+    DeltaXYWHCoder,
+    DistanceCoder,
+    YOLOGrid,
+    YOLOv1Cells,
+    YOLOv1Coder,
+    YOLOv3Coder,
+)
 
 
 def _random_boxes(n, scale=100.0):
@@ -74,3 +83,37 @@ def test_yolov1_coder_hand_values_and_round_trip():
     expected = torch.tensor([[0.34375, 0.34375, math.sqrt(100 / 448), math.sqrt(200 / 448)]])
     torch.testing.assert_close(code, expected)
     torch.testing.assert_close(coder.decode(cell, code), box)
+
+
+def test_anchor_points_are_cell_centres_level_by_level():
+    grid = AnchorPoints((8, 16))((24, 40))  # maps 3x5 and 2x3 (ceil)
+    assert grid.points.shape == (15 + 6, 2) and grid.image_size == (24, 40)
+    assert grid.points[:6].tolist() == [[4, 4], [12, 4], [20, 4], [28, 4], [36, 4], [4, 12]]
+    assert grid.points[15:17].tolist() == [[8, 8], [24, 8]]
+    assert grid.stride.tolist() == [8.0] * 15 + [16.0] * 6
+    with pytest.raises(ValueError, match="do not match"):
+        AnchorPoints((8, 16))((24, 40), [(3, 5), (1, 3)])
+
+
+def test_distance_coder_hand_values_and_expectation_decoding():
+    coder = DistanceCoder(reg_max=4)
+    grid = AnchorPointGrid(torch.tensor([[20.0, 12.0]]), torch.tensor([8.0]), (32, 48))
+    box = torch.tensor([[10.0, 4.0, 36.0, 14.0]])
+    distances = coder.encode(grid, box)  # (20 - 10, 12 - 4, 36 - 20, 14 - 12) / 8
+    torch.testing.assert_close(distances, torch.tensor([[1.25, 1.0, 2.0, 0.25]]))
+    # Distributions whose expectation is each distance: mass split between the two bins
+    # around it (what distribution focal loss trains towards) decode back to the box.
+    lower = distances.floor().long()
+    probs = torch.zeros(1, 4, 4)
+    probs.scatter_(-1, lower[..., None], (1 - (distances - lower))[..., None])
+    probs.scatter_add_(-1, (lower + 1)[..., None], (distances - lower)[..., None])
+    torch.testing.assert_close(coder.decode(grid, probs.log()), box)
+    # broadcasting over a batch of predictions against [P] points
+    uniform = torch.zeros(3, 1, 4, 4)  # expectation 1.5 bins on each side
+    torch.testing.assert_close(
+        coder.decode(grid, uniform), torch.tensor([[[8.0, 0.0, 32.0, 24.0]]]).expand(3, 1, 4)
+    )
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4, 4\]"):
+        coder.decode(grid, torch.zeros(1, 4, 16))
+    with pytest.raises(ValueError, match="reg_max"):
+        DistanceCoder(reg_max=1)

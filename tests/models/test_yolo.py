@@ -7,10 +7,24 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from detkit.matching import YOLOPriors, YOLOv1Coder, YOLOv1Grid, YOLOv3Coder
+from detkit.matching import (
+    AnchorPoints,
+    DistanceCoder,
+    YOLOPriors,
+    YOLOv1Coder,
+    YOLOv1Grid,
+    YOLOv3Coder,
+)
 from detkit.models.backbones.darknet import CSPDarknet, TrunkLevels
-from detkit.models.detectors.yolo import YOLO, yolov1, yolov3
-from detkit.models.heads.yolo import YOLOv1Head, YOLOv1Output, YOLOv3Head, YOLOv3Output
+from detkit.models.detectors.yolo import YOLO, yolov1, yolov3, yolov8
+from detkit.models.heads.yolo import (
+    YOLOv1Head,
+    YOLOv1Output,
+    YOLOv3Head,
+    YOLOv3Output,
+    YOLOv8Head,
+    YOLOv8Output,
+)
 from detkit.models.necks.yolo_pan import YOLOPAN
 from detkit.structures import unpad_detections
 from detkit.testing import digits_batch
@@ -77,6 +91,28 @@ def test_v3_head_flattens_in_prior_order_and_decodes_zero_to_priors():
     torch.testing.assert_close(scores, torch.full_like(scores, 0.25))
 
 
+def test_v8_head_flattens_in_anchor_point_order_and_decodes_uniform_to_mid_range():
+    c, reg_max = 3, 4
+    head = YOLOv8Head([8, 8, 8], c, reg_max, box_channels=8, class_channels=8).eval()
+    feats = [torch.randn(2, 8, 64 // s, 96 // s) for s in (8, 16, 32)]
+    out = head(feats)
+    grid = AnchorPoints((8, 16, 32))((64, 96), [f.shape[-2:] for f in feats])
+    assert out.box.shape == (2, len(grid.points), 4, reg_max)
+    assert out.class_logits.shape == (2, len(grid.points), c)
+    for p in torch.randint(0, len(grid.points), (30,)).tolist():
+        level = [8.0, 16.0, 32.0].index(float(grid.stride[p]))
+        col, row = (grid.points[p] / grid.stride[p] - 0.5).long().tolist()
+        box_map = head.box_branches[level](feats[level])[1, :, row, col]
+        torch.testing.assert_close(out.box[1, p], box_map.view(4, reg_max))
+        class_map = head.class_branches[level](feats[level])[1, :, row, col]
+        torch.testing.assert_close(out.class_logits[1, p], class_map)
+    uniform = YOLOv8Output(torch.zeros_like(out.box), torch.zeros_like(out.class_logits))
+    boxes = DistanceCoder(reg_max).decode(grid, uniform.box)  # 1.5 strides on every side
+    half = 1.5 * grid.stride[:, None]
+    torch.testing.assert_close(boxes[0], torch.cat((grid.points - half, grid.points + half), 1))
+    torch.testing.assert_close(head.scores(uniform), torch.full_like(out.class_logits, 0.5))
+
+
 def test_v1_decode_is_class_probability_times_confidence():
     s, k, c = 3, 2, 4
     head = YOLOv1Head(8, c, grid_size=s, num_boxes=k)
@@ -102,19 +138,28 @@ def test_v1_decode_is_class_probability_times_confidence():
         head(torch.rand(1, 8, 4, 4))  # 2x2 after the stride-2 conv: stretching is refused
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+LOSS_TERMS = {
+    "v1": {"box_regression", "objectness", "classification"},
+    "v3": {"box_regression", "objectness", "classification"},
+    "v8": {"box_regression", "distribution_focal", "classification"},
+}
+
+
+@pytest.mark.parametrize("version", ["v1", "v3", "v8"])
 def test_forward_modes_and_bad_input(version):
     if version == "v1":
         model = yolov1(
             3, 64, CSPDarknet(TINY, out_stages=(4,)), grid_size=2, downsample=False,
             detections_per_image=7,
         )  # fmt: skip
+    elif version == "v8":
+        model = yolov8(3, 64, CSPDarknet(TINY), detections_per_image=7)
     else:
         model = _tiny_v3(detections_per_image=7, score_threshold=1e-6)
     images = torch.rand(2, 3, 64, 64)
     targets = [_target([[4, 6, 30, 40]], [2]), _target([], [])]
     out = model(images, targets)
-    assert set(out.losses) == {"box_regression", "objectness", "classification"}
+    assert set(out.losses) == LOSS_TERMS[version]
     assert out.detections is None
     model.eval()
     out = model(images)
@@ -177,7 +222,9 @@ def _compose(overrides):
 @pytest.mark.parametrize(
     "overrides, num_classes, size, head",
     [
-        (["experiment=digits_yolo"], 10, 256, YOLOv3Head),
+        (["experiment=digits_yolo"], 10, 256, YOLOv8Head),
+        (["experiment=digits_yolo", "model=yolo_digits"], 10, 256, YOLOv3Head),
+        (["model=yolov8"], 10, 640, YOLOv8Head),
         (["model=yolov1"], 10, 448, YOLOv1Head),
         (["model=yolov3"], 10, 416, YOLOv3Head),
         (["experiment=voc_yolov3"], 20, 416, YOLOv3Head),
@@ -189,8 +236,9 @@ def test_configs_compose_and_instantiate(overrides, num_classes, size, head):
     assert isinstance(model, YOLO) and isinstance(model.head, head)
     assert model.num_classes == num_classes and model.image_size == (size, size)
     assert cfg.transforms.train.size == size
-    if overrides == ["experiment=digits_yolo"]:
+    if overrides[0] == "experiment=digits_yolo":
         assert cfg.model.prior_generator.strides == [8, 16, 32]
+        assert cfg.transforms.train.flip_p == 0.0
         out = model(torch.rand(1, 3, 64, 64), [_target([[4, 6, 30, 40]], [7])])
         assert torch.isfinite(out.loss)
     if overrides == ["model=yolov1"]:
@@ -228,7 +276,7 @@ def _precise_batchnorm(model, images):
         model(images, return_detections=True)
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", ["v1", "v3", "v8"])
 def test_overfit_a_few_digits_images_reaches_high_ap50(version):
     from torchmetrics.detection import MeanAveragePrecision
 
@@ -237,8 +285,10 @@ def test_overfit_a_few_digits_images_reaches_high_ap50(version):
     if version == "v1":  # a 4x4 grid of 32-px cells, two predictors each
         trunk = CSPDarknet(TINY, out_stages=(4,))
         model = yolov1(10, 128, trunk, grid_size=4, downsample=False)
-    else:
+    elif version == "v3":
         model = _tiny_v3(num_classes=10, size=128)
+    else:  # anchor-free: distances with DFL, task-aligned assignment
+        model = yolov8(10, 128, CSPDarknet(TINY), reg_max=8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(50):
         loss = model(images, targets).loss

@@ -10,9 +10,23 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, complete_box_iou_loss, generalized_box_iou_loss
 
-from detkit.matching import YOLOPriors, YOLOv1Coder, YOLOv1Grid, YOLOv3Coder
-from detkit.models.heads.yolo import YOLOv1Output, YOLOv3Output
-from detkit.models.yolo_losses import YOLOv1Loss, YOLOv3Loss
+from detkit.matching import (
+    AnchorPoints,
+    DistanceCoder,
+    TaskAlignedAssigner,
+    YOLOPriors,
+    YOLOv1Coder,
+    YOLOv1Grid,
+    YOLOv3Coder,
+    assign_task_aligned,
+)
+from detkit.models.heads.yolo import YOLOv1Output, YOLOv3Output, YOLOv8Output
+from detkit.models.yolo_losses import (
+    YOLOv1Loss,
+    YOLOv3Loss,
+    YOLOv8Loss,
+    distribution_focal_loss,
+)
 from detkit.structures import pad_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -258,15 +272,17 @@ def test_empty_batch_and_bad_arguments():
         YOLOv3Loss(ignore_threshold=0.0)
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", ["v1", "v3", "v8"])
 def test_loss_decreases_on_a_fixed_batch(version):
     from detkit.models.backbones.darknet import CSPDarknet
-    from detkit.models.detectors.yolo import yolov1, yolov3
+    from detkit.models.detectors.yolo import yolov1, yolov3, yolov8
 
     torch.manual_seed(0)
     if version == "v1":
         backbone = CSPDarknet((8, 8, 16, 16, 32), out_stages=(4,))
         model = yolov1(3, 64, backbone=backbone, grid_size=2, downsample=False)
+    elif version == "v8":
+        model = yolov8(3, 64, backbone=CSPDarknet((8, 8, 16, 16, 32)))
     else:
         model = yolov3(3, 64, backbone=CSPDarknet((8, 8, 16, 16, 32)), priors=YOLOPriors(ANCHORS))
     images = torch.rand(2, 3, 64, 64)
@@ -283,3 +299,91 @@ def test_loss_decreases_on_a_fixed_batch(version):
         optimizer.step()
         history.append(float(loss.detach()))
     assert history[-1] < 0.3 * history[0], history
+
+
+def _v8_oracle(out: YOLOv8Output, targets, points, strides, assign):
+    """YOLOv8 loss one image and one positive point at a time, on the given assignment:
+    expectation decoding by hand, torchvision's CIoU loss, the DFL formula of the paper
+    (-((y_r - y) log S_l + (y - y_l) log S_r)), element-wise BCE."""
+    reg_max = out.box.shape[-1]
+    totals = {"classification": 0.0, "box_regression": 0.0, "distribution_focal": 0.0}
+    norm = max(float(assign.target_scores.sum()), 1.0)
+    clamped = 0
+    for b, t in enumerate(targets):
+        totals["classification"] += float(
+            F.binary_cross_entropy_with_logits(
+                out.class_logits[b], assign.target_scores[b], reduction="sum"
+            )
+        )
+        for p in assign.pos_mask[b].nonzero().flatten().tolist():
+            weight = float(assign.target_scores[b, p].sum())
+            gt_box = t["boxes"][int(assign.matched_gt[b, p])]
+            (px, py), stride = points[p].tolist(), float(strides[p])
+            sides = [float((out.box[b, p, k].softmax(-1) * torch.arange(reg_max)).sum())
+                     for k in range(4)]  # fmt: skip
+            pred = torch.tensor([px - sides[0] * stride, py - sides[1] * stride,
+                                 px + sides[2] * stride, py + sides[3] * stride])  # fmt: skip
+            ciou = float(complete_box_iou_loss(pred, gt_box))
+            totals["box_regression"] += 7.5 * weight * ciou
+            x1, y1, x2, y2 = gt_box.tolist()
+            dfl = 0.0
+            for k, target in enumerate([(px - x1) / stride, (py - y1) / stride,
+                                        (x2 - px) / stride, (y2 - py) / stride]):  # fmt: skip
+                clamped += target > reg_max - 1.01
+                y = min(max(target, 0.0), reg_max - 1.01)
+                left = int(y)
+                log_s = out.box[b, p, k].log_softmax(-1)
+                dfl -= (left + 1 - y) * float(log_s[left]) + (y - left) * float(log_s[left + 1])
+            totals["distribution_focal"] += 1.5 * weight * dfl / 4
+    totals["classification"] *= 0.5
+    return {k: v / norm for k, v in totals.items()}, clamped
+
+
+def test_yolov8_loss_equals_loop_oracle():
+    c, reg_max = 4, 4  # sides reach 3 strides: larger objects get clamped targets
+    grid = AnchorPoints((8, 16, 32))(IMAGE)
+    targets = [
+        _target([[9, 9, 25, 31], [12, 8, 30, 30], [30, 36, 62, 60]], [0, 1, 3]),  # overlapping
+        _target([[2, 40, 60, 63]], [2]),
+        _target([], []),
+    ]
+    g = torch.Generator().manual_seed(3)
+    out = YOLOv8Output(
+        torch.randn(3, len(grid.points), 4, reg_max, generator=g),
+        torch.randn(3, len(grid.points), c, generator=g),
+    )
+    gt = pad_targets(targets)
+    coder = DistanceCoder(reg_max)
+    got = YOLOv8Loss(TaskAlignedAssigner(topk=5))(out, grid, coder, gt)
+    boxes = coder.decode(grid, out.box)
+    assign = assign_task_aligned(out.class_logits.sigmoid(), boxes, grid.points, gt, topk=5)
+    assert int(assign.pos_mask.sum()) > 10
+    want, clamped = _v8_oracle(out, targets, grid.points, grid.stride, assign)
+    assert clamped > 0 and set(got) == set(want)
+    for name in want:
+        assert float(got[name]) == pytest.approx(want[name], rel=1e-4), name
+
+
+def test_distribution_focal_loss_is_stationary_at_the_two_bin_distribution():
+    target = torch.tensor([0.0, 2.25, 6.5, 6.99])
+    mixture = torch.zeros(4, 8)
+    left = target.long()
+    mixture[torch.arange(4), left] = 1 - (target - left)
+    mixture[torch.arange(4), left + 1] += target - left
+    logits = mixture.clamp(min=1e-12).log().requires_grad_(True)
+    distribution_focal_loss(logits, target).sum().backward()
+    assert logits.grad.abs().max() < 1e-6
+    # ... where it is the entropy of that mixture (0 for an integer target)
+    loss = distribution_focal_loss(logits.detach(), target)
+    assert float(loss[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss[1]) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_yolov8_loss_without_objects_is_background_only():
+    grid = AnchorPoints((8, 16, 32))(IMAGE)
+    out = YOLOv8Output(torch.zeros(2, len(grid.points), 4, 16), torch.zeros(2, len(grid.points), 3))
+    losses = YOLOv8Loss()(out, grid, DistanceCoder(), pad_targets([_target([], [])] * 2))
+    assert float(losses["box_regression"]) == 0.0 and float(losses["distribution_focal"]) == 0.0
+    # every class of every point is a negative at p = 0.5, weighted 0.5, normalised by 1
+    expected = 0.5 * 2 * len(grid.points) * 3 * math.log(2)
+    assert float(losses["classification"]) == pytest.approx(expected, rel=1e-5)

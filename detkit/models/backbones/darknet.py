@@ -13,11 +13,22 @@ from torch import Tensor, nn
 
 
 class ConvBNAct(nn.Sequential):
-    """Conv (no bias) + BatchNorm + SiLU, the unit of CSP-Darknet (YOLOv4/v5 style)."""
+    """Conv (no bias) + BatchNorm + SiLU, the unit of CSP-Darknet (YOLOv4/v5 style);
+    ``groups=in_ch`` makes it depthwise."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1
+    ) -> None:
         super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+            nn.Conv2d(
+                in_ch,
+                out_ch,
+                kernel,
+                stride=stride,
+                padding=kernel // 2,
+                groups=groups,
+                bias=False,
+            ),  # fmt: skip
             nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.03),
             nn.SiLU(inplace=True),
         )

@@ -6,7 +6,11 @@ with :class:`~detkit.matching.YOLOv1Grid`, :class:`~detkit.matching.YOLOv1Coder`
 boxes and one class distribution per cell); a feature-pyramid neck with
 :class:`~detkit.models.heads.yolo.YOLOv3Head`, :class:`~detkit.matching.YOLOPriors`,
 :class:`~detkit.matching.YOLOv3Coder` and :class:`~detkit.models.yolo_losses.YOLOv3Loss` is the
-YOLOv3-style multi-scale anchor detector. :func:`yolov1` and :func:`yolov3` build both.
+YOLOv3-style multi-scale anchor detector; the PANet neck (``bottom_up=True``) with the decoupled
+:class:`~detkit.models.heads.yolo.YOLOv8Head`, :class:`~detkit.matching.AnchorPoints`,
+:class:`~detkit.matching.DistanceCoder` and :class:`~detkit.models.yolo_losses.YOLOv8Loss`
+(task-aligned assignment, CIoU and distribution focal loss) is the anchor-free YOLOv8 / YOLO11
+design. :func:`yolov1`, :func:`yolov3` and :func:`yolov8` build them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from detkit.models.detectors.one_stage import OneStageDetector
 
 
 class YOLO(OneStageDetector):
-    """A one-stage grid detector (YOLOv1 or YOLOv3 style, chosen by its parts).
+    """A one-stage grid detector (YOLOv1, YOLOv3 or anchor-free YOLOv8 style, chosen by its
+    parts).
 
     Args:
         backbone, neck, head, prior_generator, box_coder, loss, num_classes, image_size,
@@ -116,3 +121,25 @@ def yolov1(
     )
     return YOLO(backbone, head, YOLOv1Grid(grid_size), YOLOv1Coder(), YOLOv1Loss(), num_classes,
                 image_size, **kwargs)  # fmt: skip
+
+
+def yolov8(
+    num_classes: int,
+    image_size: int = 640,
+    backbone: nn.Module | None = None,
+    reg_max: int = 16,
+    **kwargs,
+) -> YOLO:
+    """Anchor-free YOLO (YOLOv8 style): CSP-Darknet (light default), PANet neck, decoupled head
+    with distribution-focal distances from anchor points, task-aligned assignment."""
+    from detkit.matching import AnchorPoints, DistanceCoder
+    from detkit.models.backbones.darknet import CSPDarknet
+    from detkit.models.heads.yolo import YOLOv8Head
+    from detkit.models.necks.yolo_pan import YOLOPAN
+    from detkit.models.yolo_losses import YOLOv8Loss
+
+    backbone = backbone if backbone is not None else CSPDarknet()
+    neck = YOLOPAN(backbone.out_channels, bottom_up=True)
+    head = YOLOv8Head(neck.out_channels, num_classes, reg_max, image_size=image_size)
+    return YOLO(backbone, head, AnchorPoints(), DistanceCoder(reg_max), YOLOv8Loss(), num_classes,
+                image_size, neck, **kwargs)  # fmt: skip

@@ -3,7 +3,14 @@
 from detkit.models.heads.roi_heads import FastRCNNPredictor, RoIHeads, RoIPooler, TwoMLPHead
 from detkit.models.heads.rpn import RegionProposalNetwork, RPNHead
 from detkit.models.heads.ssd import SSDHead, SSDOutput
-from detkit.models.heads.yolo import YOLOv1Head, YOLOv1Output, YOLOv3Head, YOLOv3Output
+from detkit.models.heads.yolo import (
+    YOLOv1Head,
+    YOLOv1Output,
+    YOLOv3Head,
+    YOLOv3Output,
+    YOLOv8Head,
+    YOLOv8Output,
+)
 
 __all__ = [
     "FastRCNNPredictor",
@@ -18,4 +25,6 @@ __all__ = [
     "YOLOv1Output",
     "YOLOv3Head",
     "YOLOv3Output",
+    "YOLOv8Head",
+    "YOLOv8Output",
 ]
