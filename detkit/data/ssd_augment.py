@@ -19,13 +19,14 @@ from albumentations.core.transforms_interface import DualTransform
 SSD_MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:4])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    area_a = np.prod(box[2:] - box[:2])
-    area_b = np.prod(boxes[:, 2:4] - boxes[:, :2], axis=1)
-    return inter / np.maximum(area_a + area_b - inter, 1e-12)
+def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU ``[N, M]`` of xyxy boxes ``a [N, 4]`` and ``b [M, 4]`` (numpy, for augmentation)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2:4] - a[:, :2]).prod(axis=1)
+    area_b = (b[:, 2:4] - b[:, :2]).prod(axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
 
 
 class ZoomOut(DualTransform):
@@ -103,35 +104,46 @@ class SSDRandomCrop(BaseCrop):
             mode = options[self.py_random.randrange(len(options))]
             if mode is None:
                 return {"crop_coords": whole, "min_iou": None}
-            for _ in range(self.trials):
-                patch = self._sample_patch(height, width)
-                if self._acceptable(patch, boxes, mode):
-                    return {"crop_coords": patch, "min_iou": mode}
+            # The sampler's trials drawn and checked at once (the first acceptable one wins,
+            # as in the sequential loop): with small objects most modes fail all of them, and
+            # a Python loop over the trials was most of the augmentation's time.
+            patches = self._sample_patches(height, width)
+            accepted = np.flatnonzero(self._acceptable(patches, boxes, mode))
+            if len(accepted):
+                return {"crop_coords": tuple(int(v) for v in patches[accepted[0]]), "min_iou": mode}
             if not len(boxes):
                 return {"crop_coords": whole, "min_iou": None}
 
-    def _sample_patch(self, height: int, width: int) -> tuple[int, int, int, int]:
-        # Caffe SSD's BatchSampler: side scale s, aspect a limited so the patch fits
-        scale = self.py_random.uniform(self.min_scale, 1.0)
-        low = max(1 / self.max_aspect, scale**2)
-        high = min(self.max_aspect, 1 / scale**2)
-        aspect = self.py_random.uniform(low, high)
-        w = min(max(int(scale * np.sqrt(aspect) * width), 1), width)
-        h = min(max(int(scale / np.sqrt(aspect) * height), 1), height)
-        left = self.py_random.randint(0, width - w)
-        top = self.py_random.randint(0, height - h)
-        return (left, top, left + w, top + h)
+    def _sample_patches(self, height: int, width: int) -> np.ndarray:
+        """``trials`` patches ``[T, 4]`` (x1, y1, x2, y2; integers): Caffe SSD's BatchSampler,
+        side scale s and an aspect ratio limited so the patch fits."""
+        rng = self.random_generator
+        scale = rng.uniform(self.min_scale, 1.0, self.trials)
+        low = np.maximum(1 / self.max_aspect, scale**2)
+        high = np.minimum(self.max_aspect, 1 / scale**2)
+        aspect = rng.uniform(low, high)
+        w = np.clip((scale * np.sqrt(aspect) * width).astype(np.int64), 1, width)
+        h = np.clip((scale / np.sqrt(aspect) * height).astype(np.int64), 1, height)
+        # uniform integers in [0, width - w] and [0, height - h], ends included
+        left = np.minimum((rng.random(self.trials) * (width - w + 1)).astype(np.int64), width - w)
+        top = np.minimum((rng.random(self.trials) * (height - h + 1)).astype(np.int64), height - h)
+        return np.stack((left, top, left + w, top + h), axis=1)
 
     @staticmethod
-    def _acceptable(patch: tuple, boxes: np.ndarray, min_iou: float) -> bool:
+    def _acceptable(patches: np.ndarray, boxes: np.ndarray, min_iou: float) -> np.ndarray:
+        """Per patch: some box's centre strictly inside it, and (unless ``min_iou`` is -inf)
+        its IoU with some box at least ``min_iou``."""
         if not len(boxes):
-            return True
-        patch_arr = np.asarray(patch, dtype=np.float64)
-        centres = (boxes[:, :2] + boxes[:, 2:4]) / 2
-        inside = (centres > patch_arr[:2]).all(axis=1) & (centres < patch_arr[2:]).all(axis=1)
-        if not inside.any():
-            return False
-        return min_iou == -np.inf or _iou_one_to_many(patch_arr, boxes).max() >= min_iou
+            return np.ones(len(patches), dtype=bool)
+        patches = patches.astype(np.float64)
+        centres = (boxes[:, :2] + boxes[:, 2:4]) / 2  # [N, 2]
+        inside = (
+            (centres[None] > patches[:, None, :2]) & (centres[None] < patches[:, None, 2:])
+        ).all(axis=2)  # [T, N]
+        ok = inside.any(axis=1)
+        if min_iou == -np.inf:
+            return ok
+        return ok & (_pairwise_iou(patches, boxes).max(axis=1) >= min_iou)
 
     def apply_to_bboxes(self, bboxes: np.ndarray, crop_coords=(0, 0, 0, 0), **params):
         if not len(bboxes):

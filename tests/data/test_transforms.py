@@ -175,3 +175,30 @@ def test_ssd_train_leaves_out_steps_that_never_fire():
         torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
         np.testing.assert_array_equal(ours[1], theirs[1])
         np.testing.assert_array_equal(ours[2], theirs[2])
+
+
+def test_ssd_crop_trials_checked_at_once_equal_a_loop_over_them():
+    """The crop's trials, drawn and checked together, accept exactly the patches a loop over
+    them accepts (torchvision's box_iou as the IoU oracle); patches stay inside the image
+    and within the scale and aspect limits."""
+    from torchvision.ops import box_iou
+
+    crop = SSDRandomCrop(min_scale=0.3, max_aspect=2.0, trials=200)
+    crop.set_random_seed(1)
+    boxes = np.array([[10, 12, 40, 60], [100, 90, 180, 170], [150, 20, 170, 45]], np.float64)
+    patches = crop._sample_patches(200, 240)
+    w, h = patches[:, 2] - patches[:, 0], patches[:, 3] - patches[:, 1]
+    assert (patches[:, :2] >= 0).all() and (patches[:, 2] <= 240).all()
+    assert (patches[:, 3] <= 200).all() and (w >= 1).all() and (h >= 1).all()
+    scale = np.sqrt((w / 240) * (h / 200))
+    assert scale.min() >= 0.3 - 0.02 and scale.max() <= 1.0
+    for min_iou in (-np.inf, 0.1, 0.3, 0.5):
+        got = crop._acceptable(patches, boxes, min_iou)
+        want = []
+        for patch in patches:
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+            inside = ((centres > patch[:2]) & (centres < patch[2:])).all(1).any()
+            iou = box_iou(torch.tensor(patch[None], dtype=torch.float64), torch.tensor(boxes))
+            want.append(bool(inside) and (min_iou == -np.inf or float(iou.max()) >= min_iou))
+        np.testing.assert_array_equal(got, want)
+        assert 0 < got.sum() < len(got) or min_iou == 0.5
