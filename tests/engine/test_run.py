@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -329,3 +330,19 @@ def test_the_resume_command_quotes_paths_as_hydra_reads_them(path):
 
     parsed = OverridesParser.create().parse_override(f"ckpt_path={hydra_value(path)}")
     assert parsed.value() == path
+
+
+def test_torch_threads_sets_the_training_threads_and_refuses_nonsense():
+    from detkit.engine.run import set_threads
+    from detkit.errors import UserError
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # torch's default: left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="torch_threads"):
+        set_threads(0)
