@@ -21,6 +21,8 @@ FAMILY = {
     "yolov1": "yolo",
     "yolov3": "yolo",
     "yolo_digits": "yolo",
+    "yolov8": "yolo",
+    "yolov8_digits": "yolo",
     "faster_rcnn_vgg16": "rcnn",
     "faster_rcnn_r50_fpn": "rcnn",
     "faster_rcnn_mbv3_fpn": "rcnn",
