@@ -317,6 +317,7 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
     predicts the same, exactly tied, scores) and YOLO predictors without their prior bias
     (class logits of spread ~1; boxes near their anchors or, anchor-free, distance
     distributions near uniform)."""
+    anchor_free = hasattr(getattr(model, "head", None), "class_branches")  # YOLOv8 design
     for layer in model.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.reset_running_stats()
@@ -327,11 +328,11 @@ def calibrate_random_weights(model: nn.Module, batches) -> nn.Module:
             features = model.backbone(model.normalize(images))
             if hasattr(model, "neck"):
                 features = model.neck(features)
-            if hasattr(model.head, "class_branches"):  # the anchor-free head has BatchNorm too
+            if anchor_free:  # its head has BatchNorm too
                 model.head(features)
     model.eval()
     gen = torch.Generator().manual_seed(1)
-    if hasattr(model.head, "class_branches"):  # anchor-free YOLO: class and box predictors
+    if anchor_free:  # class and box predictors
         # Distance distributions leaning to the first bins (sides of ~1.5 strides, as a
         # trained model's small digits), so NMS keeps neighbouring boxes apart.
         bins = torch.arange(model.head.reg_max, dtype=torch.float32)
