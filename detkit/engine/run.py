@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -96,8 +97,6 @@ def set_threads(threads: int | None) -> None:
         return
     if int(threads) < 1:
         raise UserError(f"torch_threads must be a positive number or null, got {threads}")
-    import torch
-
     torch.set_num_threads(int(threads))
 
 
