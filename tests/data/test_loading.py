@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -56,3 +58,20 @@ def test_workers_get_distinct_augmentation_streams(coco_dir):
     seeded = _boxes_per_step(train, seed_worker)
     assert not all(torch.equal(seeded[k], seeded[k + 1]) for k in (0, 2, 4))
     assert DetectionDataModule(train=train, num_workers=2).train_dataloader().worker_init_fn
+
+
+def test_cache_images_decodes_each_file_once_and_hands_out_copies(coco_dir):
+    image_dir, ann_file, _ = coco_dir
+    cached = COCODetection(image_dir, ann_file, cache_images=True)
+    plain = COCODetection(image_dir, ann_file)
+    first = [cached.load_raw(i)[0] for i in range(len(cached))]
+    for path in image_dir.iterdir():  # from now on only the cache can answer
+        path.unlink()
+    for i, image in enumerate(first):
+        again, record = cached.load_raw(i)
+        assert record is cached.records[i] and np.array_equal(again, image)
+        again[:] = 0  # a transform writing in place must not change the cache
+        assert np.array_equal(cached.load_raw(i)[0], image) and image.any()
+        assert cached[i][0].shape == (3, record.height, record.width)
+    with pytest.raises(FileNotFoundError, match="img0.png"):
+        plain.load_raw(0)  # without the cache the file is read each time

@@ -46,6 +46,17 @@ def test_small_backbone_levels_follow_config_and_train_mode_backward():
     assert net.stem[0][0].weight.grad is not None
 
 
+def test_small_backbone_stem_depth_sets_the_convs_at_stride_4():
+    convs = [SmallBackbone(level_channels=(8, 8), level_depth=1, valid_tail=0, stem_depth=d)
+             for d in (2, 3, 5)]  # fmt: skip
+    assert [len(net.stem) for net in convs] == [2, 3, 5]
+    x = torch.rand(1, 3, 64, 64)
+    for net in convs:  # the same strides whatever the depth
+        assert _sizes(net(x)) == [(8, 8), (4, 4)]
+    with pytest.raises(ValueError, match="stem_depth"):
+        SmallBackbone(level_channels=(8, 8), level_depth=1, valid_tail=0, stem_depth=1)
+
+
 def test_small_backbone_rejects_bad_config():
     with pytest.raises(ValueError, match="valid_tail"):
         SmallBackbone(level_channels=(8, 8), level_depth=1, valid_tail=2)

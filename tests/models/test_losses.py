@@ -2,10 +2,11 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.ssd import SSD as TorchvisionSSD
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from detkit.matching import DeltaXYWHCoder, HardNegativeSampler, SSDMatcher
 from detkit.models.heads.ssd import SSDOutput
@@ -31,9 +32,9 @@ def _targets():
     ]  # fmt: skip
 
 
-def _loss(sampler=None):
+def _loss(sampler=None, **kwargs):
     """The loss as SSD calls it: the head's outputs, the priors, the detector's coder."""
-    loss = MultiBoxLoss(SSDMatcher(0.5), sampler or HardNegativeSampler(3))
+    loss = MultiBoxLoss(SSDMatcher(0.5), sampler or HardNegativeSampler(3), **kwargs)
     coder = DeltaXYWHCoder((10, 10, 5, 5))
 
     def call(cls_logits, box_deltas, priors, gt):
@@ -68,6 +69,29 @@ def test_loss_equals_torchvision_compute_loss():
     assert set(ours) == {"box_regression", "classification"}
     for key, their_key in (("box_regression", "bbox_regression"), ("classification",) * 2):
         torch.testing.assert_close(ours[key], theirs[their_key], rtol=1e-5, atol=1e-5)
+
+
+def test_giou_box_loss_is_torchvisions_giou_loss_of_the_decoded_matched_boxes():
+    priors, targets = _priors(), _targets()
+    cls_logits, box_deltas = torch.randn(3, len(priors), 4), 0.5 * torch.randn(3, len(priors), 4)
+    ours = _loss(box_loss="giou", alpha=2.0)(cls_logits, box_deltas, priors, pad_targets(targets))
+    # Oracle: torchvision's matcher, box decoder and GIoU loss, image by image.
+    matcher, coder = det_utils.SSDMatcher(0.5), det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    total, matched_count = 0.0, 0
+    for b, t in enumerate(targets):
+        if len(t["boxes"]) == 0:
+            continue
+        matched = matcher(box_iou(t["boxes"], priors))
+        fg = torch.where(matched >= 0)[0]
+        decoded = coder.decode_single(box_deltas[b, fg], priors[fg])
+        total += generalized_box_iou_loss(decoded, t["boxes"][matched[fg]], reduction="sum")
+        matched_count += len(fg)
+    torch.testing.assert_close(ours["box_regression"], 2.0 * total / matched_count)
+    # the classification term does not depend on the box loss
+    plain = _loss()(cls_logits, box_deltas, priors, pad_targets(targets))
+    torch.testing.assert_close(ours["classification"], plain["classification"])
+    with pytest.raises(ValueError, match="box_loss"):
+        MultiBoxLoss(SSDMatcher(0.5), HardNegativeSampler(3), box_loss="l2")
 
 
 def test_hard_negatives_are_the_worst_three_per_positive():

@@ -66,9 +66,19 @@ class DetectionDataset(Dataset):
     class_names: list[str]
     label_to_category_id: list[int]
 
-    def __init__(self, transforms: Callable | None = None, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        transforms: Callable | None = None,
+        skip_bad_images: bool = False,
+        cache_images: bool = False,
+    ):
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
+        # Decoded images kept in memory after their first load (H x W x 3 bytes each, in
+        # every loader process): PNG/JPEG decoding is a large part of a CPU data pipeline,
+        # and YOLO's mosaic decodes four images per sample.
+        self.cache_images = bool(cache_images)
+        self._image_cache: dict[int, np.ndarray] = {}
         self.records: list[ImageRecord] = []
         self._box_counts = {"clipped": 0, "dropped": 0}
         self._bad_images: set[str] = set()
@@ -150,11 +160,20 @@ class DetectionDataset(Dataset):
 
     def load_raw(self, index: int) -> tuple[np.ndarray, ImageRecord]:
         """The decoded file (``uint8 [H, W, 3]``) and its record; bad files are skipped
-        (substituted by the next good one) when ``skip_bad_images`` is set."""
+        (substituted by the next good one) when ``skip_bad_images`` is set. With
+        ``cache_images`` the decoded file is kept and later calls return a copy of it."""
         for step in range(len(self.records)):
-            record = self.records[(index + step) % len(self.records)]
+            position = (index + step) % len(self.records)
+            record = self.records[position]
+            cached = self._image_cache.get(position)
+            if cached is not None:
+                return cached.copy(), record  # a copy: transforms may write in place
             try:
-                return load_rgb(record.path), record
+                image = load_rgb(record.path)
+                if self.cache_images:
+                    self._image_cache[position] = image
+                    image = image.copy()
+                return image, record
             except (FileNotFoundError, ValueError) as err:
                 if not self.skip_bad_images:
                     raise

@@ -97,8 +97,11 @@ class COCODetection(DetectionDataset):
         ann_file: str | Path,
         transforms: Callable | None = None,
         skip_bad_images: bool = False,
+        cache_images: bool = False,
     ):
-        super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
+        super().__init__(
+            transforms=transforms, skip_bad_images=skip_bad_images, cache_images=cache_images
+        )
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         data = _load_json(self.ann_file)

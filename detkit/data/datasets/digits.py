@@ -268,6 +268,7 @@ class DigitsDetection(COCODetection):
         seed: int = 0,
         image_size: int = 256,
         skip_bad_images: bool = False,
+        cache_images: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
@@ -278,4 +279,5 @@ class DigitsDetection(COCODetection):
             paths[f"{split}_ann"],
             transforms=transforms,
             skip_bad_images=skip_bad_images,
+            cache_images=cache_images,
         )

@@ -94,9 +94,12 @@ class VOCDetection(DetectionDataset):
         transforms: Callable | None = None,
         use_difficult: bool = True,
         skip_bad_images: bool = False,
+        cache_images: bool = False,
         image_dir: str = "JPEGImages",
     ):
-        super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
+        super().__init__(
+            transforms=transforms, skip_bad_images=skip_bad_images, cache_images=cache_images
+        )
         self.root = Path(root)
         self.split = split
         self.use_difficult = use_difficult

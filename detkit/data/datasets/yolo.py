@@ -87,8 +87,11 @@ class YOLODetection(DetectionDataset):
         class_names: Sequence[str] | None = None,
         transforms: Callable | None = None,
         skip_bad_images: bool = False,
+        cache_images: bool = False,
     ):
-        super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
+        super().__init__(
+            transforms=transforms, skip_bad_images=skip_bad_images, cache_images=cache_images
+        )
         self.split = split
         image_dir, yaml_names = self._locate(Path(root), split)
         names = list(class_names) if class_names is not None else yaml_names
