@@ -22,12 +22,16 @@ from detkit.structures import target_sizes, unpad_detections, xyxy_to_xywh
 def load_inference_model(path: str | Path) -> tuple[object, DictConfig]:
     """``(detector, config)`` from a checkpoint or an exported ``.onnx`` model (with its
     sidecar); the config holds what evaluation and prediction read (``transforms.eval``,
-    ``data``)."""
+    ``data``). A checkpoint trained with ``channels_last: true`` runs in that layout here
+    too (its convolutions then give NHWC maps whatever the input's layout)."""
     if str(path).endswith(".onnx"):
         from detkit.export.onnx_runtime import load_onnx_detector
 
         return load_onnx_detector(path)
-    return load_detector(path)
+    model, config = load_detector(path)
+    if config.get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    return model, config
 
 
 def input_device(model) -> torch.device:

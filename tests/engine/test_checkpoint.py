@@ -41,6 +41,32 @@ def test_the_genuine_checkpoint_loads(write_checkpoint):
     assert isinstance(model, SSD) and config.data.num_classes == 10
 
 
+def test_inference_runs_in_the_layout_the_checkpoint_was_trained_in(write_checkpoint):
+    from detkit.engine.inference import load_inference_model
+
+    def with_layout(name: str, channels_last: bool):
+        path = write_checkpoint(name)
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint["detkit_config"]["channels_last"] = channels_last
+        torch.save(checkpoint, path)
+        return load_inference_model(path)[0]
+
+    plain, nhwc = with_layout("plain.ckpt", False), with_layout("nhwc.ckpt", True)
+
+    def weights(model):
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    assert all(w.is_contiguous() for w in weights(plain))
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights(nhwc))
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[256, 256], [200, 240]])
+    with torch.inference_mode():
+        ours, theirs = nhwc.predict_padded(images, sizes), plain.predict_padded(images, sizes)
+    assert theirs[3].min() > 10  # random weights still give detections to compare
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_load_detector_refuses_every_hostile_target(write_checkpoint, hostile, tmp_path, payload):
     marker = tmp_path / "marker"
