@@ -1,7 +1,8 @@
 """SSD300-VGG16: detkit vs torchvision's ssd300_vgg16 (same weights, batch, size and classes).
 
 Rows: training images/s (forward + loss + backward + SGD step), inference images/s (eval
-forward with post-processing), and the SSD loss alone (matching + hard negatives + losses) for
+forward with post-processing; in torchvision's NCHW layout, and in the NHWC layout that a model
+trained with ``channels_last: true`` is evaluated in), and the SSD loss alone (matching + hard negatives + losses) for
 a batch of 32 fed identical head outputs, default boxes and targets; the loss values are
 checked to agree. Timings alternate ours/theirs so machine load hits both alike.
 
@@ -11,6 +12,7 @@ checked to agree. Timings alternate ours/theirs so machine load hits both alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from types import SimpleNamespace
 
@@ -91,11 +93,16 @@ def bench_train(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float
 
 
 @torch.no_grad()
-def bench_infer(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float]:
+def bench_infer(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float, float]:
+    """img/s of ours (NCHW, as torchvision runs), torchvision's, and ours in the NHWC layout
+    that ``channels_last: true`` trains and evaluates in (timed against torchvision again)."""
     images = torch.rand(batch, 3, 300, 300, generator=gen)
     ours.eval(), theirs.eval()
     t_ours, t_theirs = alternate(lambda: ours(images), lambda: theirs(list(images)), iters)
-    return batch / t_ours, batch / t_theirs
+    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    t_nhwc, t_theirs_again = alternate(lambda: nhwc(images), lambda: theirs(list(images)), iters)
+    # scaled so that nhwc / theirs is the ratio of its own alternation
+    return batch / t_ours, batch / t_theirs, batch / t_nhwc * t_theirs_again / t_theirs
 
 
 def torchvision_loss(targets, head, priors, matcher, fake_self):
@@ -143,8 +150,9 @@ def main() -> None:
         a, b = bench_train(theirs, ours, args.batch, args.iters, gen)
         rows.append((f"train img/s (b={args.batch}, 300)", a, b, a / b, 1.0))
     if "infer" in parts:
-        a, b = bench_infer(theirs, ours, args.batch, args.iters, gen)
+        a, b, nhwc = bench_infer(theirs, ours, args.batch, args.iters, gen)
         rows.append((f"infer img/s (b={args.batch}, 300)", a, b, a / b, 1.0))
+        rows.append((f"infer img/s NHWC (b={args.batch}, 300)", nhwc, b, nhwc / b, 1.0))
     if "loss" in parts:
         a, b, v_ours, v_theirs = bench_loss(ours, args.loss_iters, gen)
         rows.append(("loss ms (b=32, 8732 priors)", 1e3 * a, 1e3 * b, b / a, 3.0))
