@@ -2,9 +2,9 @@
 
 Rows: training images/s (forward + loss + backward + SGD step), inference images/s (eval
 forward with post-processing; in torchvision's NCHW layout, and in the NHWC layout that a model
-trained with ``channels_last: true`` is evaluated in), and the SSD loss alone (matching + hard negatives + losses) for
-a batch of 32 fed identical head outputs, default boxes and targets; the loss values are
-checked to agree. Timings alternate ours/theirs so machine load hits both alike.
+trained with ``channels_last: true`` is evaluated in), and the SSD loss alone (matching + hard
+negatives + losses) for a batch of 32 fed identical head outputs, default boxes and targets;
+the loss values are checked to agree. Timings alternate ours/theirs so machine load hits both alike.
 
     .venv/bin/python tools/bench_ssd.py [--batch 4] [--iters 3] [--loss-iters 5]
 """
