@@ -1,7 +1,7 @@
 """YOLO throughput: the anchor-free YOLO next to YOLOv3 and Faster R-CNN, digits-sized.
 
     .venv/bin/python tools/bench_yolo.py [--batch 8] [--iters 5] [--threads N]
-        [--models yolov8_digits yolo_digits faster_rcnn_digits]
+        [--models yolov8_digits:nhwc yolo_digits:nhwc faster_rcnn_digits:nhwc faster_rcnn_digits]
         [--checkpoint yolov8_digits=runs/.../best.ckpt ...]
 
 Each model is built from the project's config (10 classes, its own ``image_size``: 256 for
@@ -14,6 +14,11 @@ weights instead. Calls alternate between the models so the machine's load hits t
 the median per call is reported (images/s, from wall time and from this process's CPU time)
 with the ratio to the last model (the reference, Faster R-CNN). Target: the anchor-free YOLO
 infers >= 3x Faster R-CNN's images/s.
+
+A ``:nhwc`` suffix runs a model with NHWC weights and batches, as ``channels_last: true``
+trains and evaluates it: ``experiment=digits_yolo`` sets it, ``digits_faster_rcnn`` does not;
+the reference (last) is Faster R-CNN as its experiment runs, and its NHWC row shows what that
+layout would give it too.
 """
 
 from __future__ import annotations
@@ -28,20 +33,28 @@ from detkit.config import compose_config, safe_instantiate
 from detkit.models.transform import as_hw
 from detkit.testing import digits_batch
 
-TARGETS = {"yolov8_digits": {"inference": 3.0}}
+TARGETS = {"yolov8_digits:nhwc": {"inference": 3.0}, "yolov8_digits": {"inference": 3.0}}
 
 
-def build(name: str, checkpoint: str | None):
+def build(spec: str, checkpoint: str | None):
+    """The model of ``spec`` (``config`` or ``config:nhwc``) and whether it runs NHWC."""
+    name, _, layout = spec.partition(":")
+    if layout not in ("", "nhwc"):
+        raise SystemExit(f"unknown layout {layout!r} in {spec!r} (use name or name:nhwc)")
     torch.manual_seed(0)
     cfg = compose_config("train", [f"model={name}", "data.num_classes=10"])
     model = safe_instantiate(cfg.model)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    return model
+    if layout:
+        model.to(memory_format=torch.channels_last)
+    return model, bool(layout)
 
 
-def step_fns(model, images, targets):
+def step_fns(model, images, targets, nhwc: bool):
+    if nhwc:
+        images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train() -> None:
@@ -77,8 +90,13 @@ def interleaved(fns: list, iters: int) -> list[tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", default=["yolov8_digits", "yolo_digits", "faster_rcnn_digits"]
-    )
+        "--models",
+        nargs="+",
+        default=[
+            "yolov8_digits:nhwc", "yolo_digits:nhwc", "faster_rcnn_digits:nhwc",
+            "faster_rcnn_digits",
+        ],
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -87,13 +105,14 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    models = {name: build(name, checkpoints.get(name)) for name in args.models}
+    built = {spec: build(spec, checkpoints.get(spec.partition(":")[0])) for spec in args.models}
+    models = {spec: model for spec, (model, _) in built.items()}
     sizes = {as_hw(model.image_size) for model in models.values()}
     if len(sizes) != 1:
         raise SystemExit(f"the models' image sizes differ: {sizes}; compare same-size models")
     (height, width) = sizes.pop()
     images, targets = digits_batch(args.batch, image_size=height, digit_size=(20, 100))
-    fns = {name: step_fns(model, images, targets) for name, model in models.items()}
+    fns = {spec: step_fns(model, images, targets, nhwc) for spec, (model, nhwc) in built.items()}
     rows = {}
     for k, phase in enumerate(("train", "inference")):
         seconds = interleaved([fns[name][k] for name in args.models], args.iters)
@@ -105,17 +124,20 @@ def main() -> None:
     print(
         f"{height}x{width} digits canvases, batch {args.batch}, 10 classes, CPU, "
         f"{torch.get_num_threads()} threads, weights: "
-        + ", ".join(f"{n}={'trained' if n in checkpoints else 'random'}" for n in args.models)
+        + ", ".join(
+            f"{n}={'trained' if n.partition(':')[0] in checkpoints else 'random'}"
+            for n in args.models
+        )
     )
-    print(f"{'':<36}{'wall time':^18}{'CPU time':^18}")
-    print(f"{'name':<36}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
+    print(f"{'':<41}{'wall time':^18}{'CPU time':^18}")
+    print(f"{'name':<41}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
     for phase, speeds in rows.items():
         for name in args.models:
             params = sum(p.numel() for p in models[name].parameters()) / 1e6
             (wall, cpu), (ref_wall, ref_cpu) = speeds[name], speeds[reference]
             target = TARGETS.get(name, {}).get(phase)
             print(
-                f"{f'{name} ({params:.2f} M) {phase}':<36}{wall:>9.2f}{wall / ref_wall:>8.2f}x"
+                f"{f'{name} ({params:.2f} M) {phase}':<41}{wall:>9.2f}{wall / ref_wall:>8.2f}x"
                 f"{cpu:>9.2f}{cpu / ref_cpu:>8.2f}x{f'>={target:.1f}x' if target else '-':>9}"
             )
     print(f"ratios are to {reference}")
