@@ -19,21 +19,21 @@ class SmallBackbone(nn.Module):
 
     Args:
         stem_channels: widths of the two stride-2 stem convolutions.
-        stem_depth: convolutions in the stem: the two stride-2 ones, then ``stem_depth - 2``
-            more at stride 4 (3, the default, is one; 2 leaves it out, which saves about a
-            sixth of the digits SSD's multiply-adds at 64x64 pixels).
         level_channels: width of each output level.
         level_depth: convolutions per level (the first strides/shrinks, the rest keep size).
         valid_tail: how many final levels shrink by an unpadded 3x3 instead of stride 2.
+        stem_depth: convolutions in the stem: the two stride-2 ones, then ``stem_depth - 2``
+            more at stride 4 (3, the default, is one; 2 leaves it out, which saves about a
+            sixth of the digits SSD's multiply-adds at 64x64 pixels).
     """
 
     def __init__(
         self,
         stem_channels: Sequence[int] = (16, 32),
-        stem_depth: int = 3,
         level_channels: Sequence[int] = (64, 96, 128, 128, 128, 128),
         level_depth: int | Sequence[int] = (2, 2, 1, 1, 1, 1),
         valid_tail: int = 2,
+        stem_depth: int = 3,
     ) -> None:
         super().__init__()
         levels = len(level_channels)
