@@ -18,22 +18,29 @@ infers >= 3x Faster R-CNN's images/s.
 A ``:nhwc`` suffix runs a model with NHWC weights and batches, as ``channels_last: true``
 trains and evaluates it: ``experiment=digits_yolo`` sets it, ``digits_faster_rcnn`` does not;
 the reference (last) is Faster R-CNN as its experiment runs, and its NHWC row shows what that
-layout would give it too.
+layout would give it too. The "inference folded" rows run a copy with BatchNorm folded into the
+convolutions (``detkit.models.fuse.fuse_conv_bn``), as ``detkit predict`` runs a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 
 from detkit.config import compose_config, safe_instantiate
+from detkit.models.fuse import fuse_conv_bn
 from detkit.models.transform import as_hw
 from detkit.testing import digits_batch
 
-TARGETS = {"yolov8_digits:nhwc": {"inference": 3.0}, "yolov8_digits": {"inference": 3.0}}
+PHASES = ("train", "inference", "inference folded")
+TARGETS = {
+    name: {"inference": 3.0, "inference folded": 3.0}
+    for name in ("yolov8_digits:nhwc", "yolov8_digits")
+}
 
 
 def build(spec: str, checkpoint: str | None):
@@ -69,7 +76,18 @@ def step_fns(model, images, targets, nhwc: bool):
         with torch.inference_mode():
             model(images)
 
-    return train, infer
+    folded = []
+
+    def infer_folded() -> None:
+        if not folded:  # folded from the weights as they are after the training phase
+            folded.append(copy.deepcopy(model).eval())
+            fuse_conv_bn(folded[0])
+            if nhwc:
+                folded[0].to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            folded[0](images)
+
+    return train, infer, infer_folded
 
 
 def interleaved(fns: list, iters: int) -> list[tuple[float, float]]:
@@ -114,7 +132,7 @@ def main() -> None:
     images, targets = digits_batch(args.batch, image_size=height, digit_size=(20, 100))
     fns = {spec: step_fns(model, images, targets, nhwc) for spec, (model, nhwc) in built.items()}
     rows = {}
-    for k, phase in enumerate(("train", "inference")):
+    for k, phase in enumerate(PHASES):
         seconds = interleaved([fns[name][k] for name in args.models], args.iters)
         rows[phase] = {
             name: (args.batch / wall, args.batch / cpu)
@@ -129,15 +147,15 @@ def main() -> None:
             for n in args.models
         )
     )
-    print(f"{'':<41}{'wall time':^18}{'CPU time':^18}")
-    print(f"{'name':<41}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
+    print(f"{'':<49}{'wall time':^18}{'CPU time':^18}")
+    print(f"{'name':<49}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
     for phase, speeds in rows.items():
         for name in args.models:
             params = sum(p.numel() for p in models[name].parameters()) / 1e6
             (wall, cpu), (ref_wall, ref_cpu) = speeds[name], speeds[reference]
             target = TARGETS.get(name, {}).get(phase)
             print(
-                f"{f'{name} ({params:.2f} M) {phase}':<41}{wall:>9.2f}{wall / ref_wall:>8.2f}x"
+                f"{f'{name} ({params:.2f} M) {phase}':<49}{wall:>9.2f}{wall / ref_wall:>8.2f}x"
                 f"{cpu:>9.2f}{cpu / ref_cpu:>8.2f}x{f'>={target:.1f}x' if target else '-':>9}"
             )
     print(f"ratios are to {reference}")

@@ -46,9 +46,14 @@ def predict_images(
     score_threshold: float = 0.3,
     batch_size: int = 8,
     max_images: int | None = None,
+    fuse_conv_bn: bool = True,
 ) -> list[dict]:
-    """Run a checkpoint on images; write ``<name>.png`` with boxes drawn and ``detections.json``."""
-    model, config = load_inference_model(ckpt)  # a checkpoint, or model.onnx + its sidecar
+    """Run a checkpoint on images; write ``<name>.png`` with boxes drawn and ``detections.json``.
+
+    ``fuse_conv_bn`` folds BatchNorms into their convolutions first (faster; the same
+    detections up to float rounding)."""
+    # a checkpoint, or model.onnx + its sidecar
+    model, config = load_inference_model(ckpt, fuse_conv_bn=fuse_conv_bn)
     transforms = safe_instantiate(config.transforms.eval, source=str(ckpt))
     class_names = list(config.data.get("class_names") or range(config.data.num_classes))
     files = find_images(source)[:max_images]

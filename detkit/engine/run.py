@@ -235,6 +235,7 @@ def evaluate(cfg: DictConfig) -> dict:
         score_threshold=cfg.score_threshold,
         backend=cfg.backend,
         paths=paths,
+        fuse_conv_bn=cfg.get("fuse_conv_bn", False),
     )
 
 
@@ -248,6 +249,7 @@ def evaluate_checkpoint(
     score_threshold: float = 0.25,
     backend: str = "detkit",
     paths: dict | None = None,
+    fuse_conv_bn: bool = False,
 ) -> dict:
     """Run a checkpoint over a dataset split, write COCO results JSON, then evaluate them.
 
@@ -259,13 +261,14 @@ def evaluate_checkpoint(
     in another order are mapped by name). The ground truth scored against is the dataset's
     ``coco_ground_truth()``: a COCO annotation file as written (areas, crowd, ignore flags),
     restricted to the images evaluated, so ``ground_truth.json`` and ``results.json`` give
-    the same numbers in pycocotools. ``backend`` computes the COCO stats.
+    the same numbers in pycocotools. ``backend`` computes the COCO stats. ``fuse_conv_bn``
+    folds BatchNorms into convolutions (faster; detections equal up to float rounding).
     """
     from detkit.eval.command import check_options
     from detkit.eval.command import run as evaluate_files
 
     check_options(protocol, backend)  # before the model runs over the whole split
-    model, config = load_inference_model(ckpt)
+    model, config = load_inference_model(ckpt, fuse_conv_bn=fuse_conv_bn)
     names = model_class_names(config)
     if data is not None:
         config = replace_data(config, data, paths)
@@ -304,6 +307,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         score_threshold=cfg.score_threshold,
         batch_size=cfg.batch_size,
         max_images=cfg.get("max_images"),
+        fuse_conv_bn=cfg.get("fuse_conv_bn", True),
     )
 
 

@@ -1,0 +1,83 @@
+"""Folding BatchNorm into the convolution before it, for inference.
+
+In eval mode a BatchNorm is an affine map per channel, so ``bn(conv(x))`` is one convolution
+with rescaled weights and a bias. On a CPU the separate BatchNorm pass was about a sixth of
+the digits detectors' inference time (measured with the profiler: 17% for the digits YOLO),
+which folding removes. The folded model computes the same function up to float rounding
+(a few ulps), not bit for bit, so ``detkit eval`` leaves it off by default (its numbers
+equal the validation that chose the checkpoint) and ``detkit predict`` turns it on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+
+def _batch_norm_stats(bn: nn.Module) -> tuple | None:
+    """``(running_mean, running_var, eps, weight, bias)`` of an eval-mode BatchNorm2d or a
+    torchvision FrozenBatchNorm2d; None for anything else (or a BatchNorm without running
+    statistics, which normalises with the batch's own even in eval mode)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    if isinstance(bn, nn.BatchNorm2d):
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return None
+        return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    if isinstance(bn, FrozenBatchNorm2d):
+        return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    return None
+
+
+def _folded(conv: nn.Conv2d, stats: tuple) -> nn.Conv2d:
+    """A copy of ``conv`` with the BatchNorm ``stats`` folded into its weight and bias."""
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, *stats)
+    # Keep the weight's layout: a channels_last model stays channels_last.
+    layout = (
+        torch.channels_last
+        if conv.weight.is_contiguous(memory_format=torch.channels_last)
+        and not conv.weight.is_contiguous()
+        else torch.contiguous_format
+    )
+    fused.weight = nn.Parameter(weight.detach().contiguous(memory_format=layout), False)
+    fused.bias = nn.Parameter(bias.detach(), False)
+    return fused
+
+
+def fuse_conv_bn(model: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution in an ``nn.Sequential`` into
+    that convolution (the BatchNorm becomes ``nn.Identity``), in place; returns how many.
+
+    Only for inference: ``model`` must be in eval mode (training would update statistics
+    that no longer exist). Sequential pairs cover detkit's own blocks (``conv_bn_relu``,
+    ``ConvBNAct``); BatchNorms reached otherwise (e.g. torchvision ResNet's ``bn1``
+    attributes) are left as they are.
+    """
+    if model.training:
+        raise ValueError("fuse_conv_bn: call model.eval() first (it folds running statistics)")
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            conv, bn = module[i], module[i + 1]
+            stats = _batch_norm_stats(bn)
+            if type(conv) is not nn.Conv2d or stats is None or len(stats[0]) != conv.out_channels:
+                continue
+            module[i], module[i + 1] = _folded(conv, stats), nn.Identity()
+            count += 1
+    return count
