@@ -17,12 +17,11 @@ Usage: ``python tools/bench_matching.py`` (about a minute on 2 cores).
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from bench_ops import interleaved_median_ms
 
 SSD300 = dict(
     aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]],
@@ -82,16 +81,6 @@ def ssd_targets_torchvision(priors, targets, conf_loss, matcher, coder, neg_to_p
     return torch.cat(regression), cls_targets, background_idxs
 
 
-def _time_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def bench_ssd_targets() -> tuple[float, float]:
     from torchvision.models.detection._utils import BoxCoder
     from torchvision.models.detection._utils import SSDMatcher as TVSSDMatcher
@@ -108,9 +97,12 @@ def bench_ssd_targets() -> tuple[float, float]:
     # Same targets (torchvision's positives come image by image in prior order, as ours).
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
-    t_ours = _time_ms(lambda: ssd_targets_detkit(priors, targets, conf_loss, *ours_args))
-    t_ref = _time_ms(lambda: ssd_targets_torchvision(priors, targets, conf_loss, *ref_args))
-    return t_ours, t_ref
+    # Calls alternate (ours, theirs, ...) so the machine's load hits both alike.
+    return interleaved_median_ms(
+        lambda: ssd_targets_detkit(priors, targets, conf_loss, *ours_args),
+        lambda: ssd_targets_torchvision(priors, targets, conf_loss, *ref_args),
+        repeats=15,
+    )
 
 
 _MEMORY_CHILD = """
