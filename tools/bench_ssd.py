@@ -6,7 +6,7 @@ trained with ``channels_last: true`` is evaluated in), and the SSD loss alone (m
 negatives + losses) for a batch of 32 fed identical head outputs, default boxes and targets;
 the loss values are checked to agree. Timings alternate ours/theirs so machine load hits both alike.
 
-    .venv/bin/python tools/bench_ssd.py [--batch 4] [--iters 3] [--loss-iters 5]
+    .venv/bin/python tools/bench_ssd.py [--batch 4] [--iters 5] [--loss-iters 10]
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def bench_loss(ours: SSD, iters: int, gen) -> tuple[float, float, dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--loss-iters", type=int, default=10)
     parser.add_argument("--parts", default="train,infer,loss", help="comma-separated subset")
     args = parser.parse_args()
