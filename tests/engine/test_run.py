@@ -95,6 +95,36 @@ def test_predict_draws_images_and_writes_detections_in_file_pixels(trained):
             assert -1 <= x1 <= x2 <= 257 and -1 <= y1 <= y2 <= 257
 
 
+def test_predict_folds_batchnorm_unless_told_not_to(trained, tmp_path, monkeypatch):
+    from detkit.engine import inference
+    from detkit.eval.compare import compare_detections
+
+    ckpt = trained / "train" / "checkpoints" / "best.ckpt"
+    source = trained / "digits" / "val"
+    folded_counts = []
+    fold = inference.fuse
+    monkeypatch.setattr(inference, "fuse", lambda model: folded_counts.append(fold(model)))
+    runs = {}
+    for name, extra in (("folded", []), ("plain", ["fuse_conv_bn=false"])):
+        args = [f"ckpt={ckpt}", f"source={source}", "score_threshold=0.05", *extra]
+        assert cli.main(["predict", *args, f"hydra.run.dir={tmp_path / name}"]) == 0
+        runs[name] = json.loads((tmp_path / name / "detections.json").read_text())
+    plain_model = inference.load_inference_model(ckpt)[0]
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain_model.modules())
+    assert folded_counts == [batch_norms] and batch_norms > 0  # all of them, default run only
+    for folded, plain in zip(runs["folded"], runs["plain"], strict=True):
+        dets = [
+            {
+                "boxes": torch.tensor([d["box"] for d in r["detections"]]).reshape(-1, 4),
+                "scores": torch.tensor([d["score"] for d in r["detections"]]),
+                "labels": torch.tensor([d["label"] for d in r["detections"]]),
+            }
+            for r in (plain, folded)
+        ]
+        result = compare_detections([dets[0]], [dets[1]], score_tolerance=1e-4)
+        assert result.unmatched == 0 and result.max_box_diff < 1e-2
+
+
 def test_predict_names_a_source_with_no_images(trained, tmp_path, capsys):
     ckpt = trained / "train" / "checkpoints" / "best.ckpt"
     empty = tmp_path / "empty"
