@@ -7,9 +7,10 @@
 2. Peak memory of matching 200,000 anchors against 1,000 boxes (RPN matcher with low-quality
    ties, the hardest case: two passes) with the fused chunked path vs the dense IoU matrix.
    Each variant runs in a fresh subprocess; the peak is the growth of the process's peak RSS
-   (``ru_maxrss``) over its RSS just before the call, after inputs are built and a warm-up
-   call has loaded every kernel. Torch's CPU allocator returns large blocks to the OS, so RSS
-   sees every tensor torch allocates (tracemalloc would not).
+   (``VmHWM``, reset just before the call through ``/proc/self/clear_refs``) over its RSS
+   just before the call, after inputs are built and a warm-up call has loaded every kernel.
+   Torch's CPU allocator returns large blocks to the OS, so RSS sees every tensor torch
+   allocates (tracemalloc would not).
 
 Usage: ``python tools/bench_matching.py`` (about a minute on 2 cores).
 """
@@ -106,7 +107,7 @@ def bench_ssd_targets() -> tuple[float, float]:
 
 
 _MEMORY_CHILD = """
-import json, resource, sys, torch
+import json, sys, torch
 from detkit.matching import Matcher, match_priors
 from detkit.structures import PaddedTargets
 mode, num, most = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -119,12 +120,16 @@ targets = PaddedTargets(gt, torch.zeros(1, most, dtype=torch.long), torch.ones(1
 small = PaddedTargets(gt[:, :2], targets.labels[:, :2], targets.mask[:, :2])
 matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
 match_priors(priors[:5000], small, matcher, fused=mode == "fused")  # load kernels, warm up
-def rss_kb():
+def status_kb(field):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
-before = rss_kb()
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+# Reset the process's peak RSS (VmHWM) to its current RSS, so the peak below is this call's
+# alone: what the parent process imported or earlier calls touched does not count.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_kb("VmRSS")
 res = match_priors(priors, targets, matcher, fused=mode == "fused")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kb("VmHWM")
 print(json.dumps({"peak_mb": (peak - before) / 1024, "positives": int((res.labels == 1).sum())}))
 """
 
