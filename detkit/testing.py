@@ -287,6 +287,16 @@ def detection_mismatch(padded, reference, ties_in_any_order: bool = False) -> st
     return None
 
 
+def detections_from_json(entries: list[dict]) -> dict[str, Tensor]:
+    """One image's ``detections`` as ``detkit predict`` writes them in ``detections.json``
+    (``box``, ``score``, ``label`` per entry) back as ``boxes [K, 4]``, ``scores``, ``labels``."""
+    return {
+        "boxes": torch.tensor([d["box"] for d in entries]).reshape(-1, 4),
+        "scores": torch.tensor([d["score"] for d in entries]),
+        "labels": torch.tensor([d["label"] for d in entries]),
+    }
+
+
 def digits_batch(
     n: int, image_size: int = 128, seed: int = 0, digit_size: tuple[int, int] = (20, 60)
 ) -> tuple[Tensor, list[dict]]:

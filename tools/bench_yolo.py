@@ -81,9 +81,7 @@ def step_fns(model, images, targets, nhwc: bool):
     def infer_folded() -> None:
         if not folded:  # folded from the weights as they are after the training phase
             folded.append(copy.deepcopy(model).eval())
-            fuse_conv_bn(folded[0])
-            if nhwc:
-                folded[0].to(memory_format=torch.channels_last)
+            fuse_conv_bn(folded[0])  # keeps the weights' layout
         with torch.inference_mode():
             folded[0](images)
 

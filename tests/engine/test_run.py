@@ -98,6 +98,7 @@ def test_predict_draws_images_and_writes_detections_in_file_pixels(trained):
 def test_predict_folds_batchnorm_unless_told_not_to(trained, tmp_path, monkeypatch):
     from detkit.engine import inference
     from detkit.eval.compare import compare_detections
+    from detkit.testing import detections_from_json
 
     ckpt = trained / "train" / "checkpoints" / "best.ckpt"
     source = trained / "digits" / "val"
@@ -113,14 +114,7 @@ def test_predict_folds_batchnorm_unless_told_not_to(trained, tmp_path, monkeypat
     batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain_model.modules())
     assert folded_counts == [batch_norms] and batch_norms > 0  # all of them, default run only
     for folded, plain in zip(runs["folded"], runs["plain"], strict=True):
-        dets = [
-            {
-                "boxes": torch.tensor([d["box"] for d in r["detections"]]).reshape(-1, 4),
-                "scores": torch.tensor([d["score"] for d in r["detections"]]),
-                "labels": torch.tensor([d["label"] for d in r["detections"]]),
-            }
-            for r in (plain, folded)
-        ]
+        dets = [detections_from_json(r["detections"]) for r in (plain, folded)]
         result = compare_detections([dets[0]], [dets[1]], score_tolerance=1e-4)
         assert result.unmatched == 0 and result.max_box_diff < 1e-2
 

@@ -17,6 +17,7 @@ from detkit.eval.compare import compare_detections
 from detkit.export.onnx import check_against_pytorch
 from detkit.export.verify import ExportCheckError
 from detkit.export.wrappers import export_wrapper
+from detkit.testing import detections_from_json
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +57,11 @@ def test_predict_with_onnx_equals_predict_with_checkpoint(exported, tmp_path):
         assert cli.main(["predict", *args, f"hydra.run.dir={run_dir}"]) == 0
         runs[name] = json.loads((run_dir / "detections.json").read_text())
     for from_onnx, from_ckpt in zip(runs["onnx"], runs["ckpt"], strict=True):
-        dets = [_as_tensors(r["detections"]) for r in (from_ckpt, from_onnx)]
+        dets = [detections_from_json(r["detections"]) for r in (from_ckpt, from_onnx)]
         assert len(dets[0]["boxes"]) > 0
         result = compare_detections([dets[0]], [dets[1]], score_tolerance=1e-5)
         assert result.unmatched == 0 and result.borderline == 0
         assert result.max_box_diff < 1e-3 and result.max_score_diff < 1e-5
-
-
-def _as_tensors(detections: list[dict]) -> dict:
-    return {
-        "boxes": torch.tensor([d["box"] for d in detections]).reshape(-1, 4),
-        "scores": torch.tensor([d["score"] for d in detections]),
-        "labels": torch.tensor([d["label"] for d in detections]),
-    }
 
 
 def test_disagreeing_graph_fails_the_check(exported):
