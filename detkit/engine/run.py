@@ -198,6 +198,15 @@ def build_metric(data_cfg: DictConfig):
     )
 
 
+def _switch(cfg: DictConfig, name: str, default: bool) -> bool:
+    """A true/false option of a command; anything else is the user's mistake, said in a line
+    (a truthy word such as ``no`` would otherwise silently count as true)."""
+    value = cfg.get(name, default)
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """``detkit eval``: a results file against ground truth, or a checkpoint on a dataset."""
     output_dir = Path(cfg.paths.output_dir)
@@ -235,7 +244,7 @@ def evaluate(cfg: DictConfig) -> dict:
         score_threshold=cfg.score_threshold,
         backend=cfg.backend,
         paths=paths,
-        fuse_conv_bn=cfg.get("fuse_conv_bn", False),
+        fuse_conv_bn=_switch(cfg, "fuse_conv_bn", False),
     )
 
 
@@ -307,7 +316,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         score_threshold=cfg.score_threshold,
         batch_size=cfg.batch_size,
         max_images=cfg.get("max_images"),
-        fuse_conv_bn=cfg.get("fuse_conv_bn", True),
+        fuse_conv_bn=_switch(cfg, "fuse_conv_bn", True),
     )
 
 

@@ -119,6 +119,15 @@ def test_predict_folds_batchnorm_unless_told_not_to(trained, tmp_path, monkeypat
         assert result.unmatched == 0 and result.max_box_diff < 1e-2
 
 
+def test_predict_names_a_fuse_conv_bn_that_is_not_true_or_false(trained, tmp_path, capsys):
+    ckpt = trained / "train" / "checkpoints" / "best.ckpt"
+    args = [f"ckpt={ckpt}", f"source={trained / 'digits' / 'val'}", "fuse_conv_bn=no"]
+    assert cli.main(["predict", *args, f"hydra.run.dir={tmp_path}"]) != 0
+    err = capsys.readouterr().err
+    assert "fuse_conv_bn must be true or false, got 'no'" in err
+    assert "Traceback" not in err
+
+
 def test_predict_names_a_source_with_no_images(trained, tmp_path, capsys):
     ckpt = trained / "train" / "checkpoints" / "best.ckpt"
     empty = tmp_path / "empty"
