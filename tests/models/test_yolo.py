@@ -68,6 +68,24 @@ def test_backbones_and_neck_give_strides_8_16_32():
         CSPDarknet(TINY, depths=(1, 1))
 
 
+def test_patch_stem_sees_each_4x4_patch_once_and_gives_strides_8_16_32():
+    torch.manual_seed(0)
+    trunk = CSPDarknet(TINY[1:], depths=(1, 1, 1), out_stages=(1, 2, 3), stem_stride=4).eval()
+    images = torch.rand(2, 3, 64, 96)
+    feats = trunk(images)
+    assert [tuple(f.shape[1:]) for f in feats] == [(32, 8, 12), (64, 4, 6), (128, 2, 3)]
+    stem = trunk.stages[0]
+    assert tuple(stem(images).shape) == (2, 16, 16, 24)
+    # A pixel changes exactly the stem output of its own patch (no overlap, no padding).
+    changed = images.clone()
+    changed[:, :, 5, 9] += 1.0  # patch (1, 2)
+    with torch.no_grad():
+        moved = (stem(changed) - stem(images)).abs().amax(dim=(0, 1)) > 0
+    assert moved.nonzero().tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="stem_stride must be 2 or 4, got 3"):
+        CSPDarknet(TINY, stem_stride=3)
+
+
 def test_v3_head_flattens_in_prior_order_and_decodes_zero_to_priors():
     priors, c = YOLOPriors(ANCHORS), 2
     cols = 3 * (5 + c)

@@ -14,10 +14,16 @@ from torch import Tensor, nn
 
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) + BatchNorm + SiLU, the unit of CSP-Darknet (YOLOv4/v5 style);
-    ``groups=in_ch`` makes it depthwise."""
+    ``groups=in_ch`` makes it depthwise; ``padding`` defaults to ``kernel // 2``."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        padding: int | None = None,
     ) -> None:
         super().__init__(
             nn.Conv2d(
@@ -25,7 +31,7 @@ class ConvBNAct(nn.Sequential):
                 out_ch,
                 kernel,
                 stride=stride,
-                padding=kernel // 2,
+                padding=kernel // 2 if padding is None else padding,
                 groups=groups,
                 bias=False,
             ),  # fmt: skip
@@ -86,10 +92,14 @@ class SPPF(nn.Module):
 
 
 class CSPDarknet(nn.Module):
-    """CSP-Darknet trunk: a stride-2 stem, then stages of (3x3 stride-2 conv + CSP block).
+    """CSP-Darknet trunk: a stem, then stages of (3x3 stride-2 conv + CSP block).
 
-    With five ``widths`` the stages sit at strides 2 (stem), 4, 8, 16 and 32; ``out_stages``
-    picks which are returned (default the stride 8/16/32 maps YOLOv3 predicts from).
+    With five ``widths`` and the 3x3 stride-2 stem the stages sit at strides 2 (stem), 4, 8, 16
+    and 32; ``out_stages`` picks which are returned (default the stride 8/16/32 maps YOLOv3
+    predicts from). ``stem_stride=4`` makes the stem one 4x4 stride-4 convolution over
+    non-overlapping patches (ConvNeXt's "patchify" stem): four ``widths`` then give strides 4,
+    8, 16 and 32, and the full-resolution 3x3 convolutions, the costliest per output of a small
+    trunk on a CPU, are gone.
     The default widths/depths are a light variant for CPU; ``widths=(32, 64, 128, 256, 512)``
     and ``depths=(1, 2, 3, 1)`` give YOLOv5-s proportions.
 
@@ -98,6 +108,7 @@ class CSPDarknet(nn.Module):
         depths: bottlenecks in each stage's CSP block (one entry per stage after the stem).
         out_stages: indices into the stages (0 = stem) whose outputs are returned.
         spp: end with an SPPF block on the last stage.
+        stem_stride: 2 (3x3 stride-2 convolution, Darknet) or 4 (4x4 patches).
     """
 
     def __init__(
@@ -106,6 +117,7 @@ class CSPDarknet(nn.Module):
         depths: Sequence[int] = (1, 1, 1, 1),
         out_stages: Sequence[int] = (2, 3, 4),
         spp: bool = True,
+        stem_stride: int = 2,
     ) -> None:
         super().__init__()
         widths, depths = [int(w) for w in widths], [int(d) for d in depths]
@@ -116,7 +128,13 @@ class CSPDarknet(nn.Module):
             )
         if not out_stages or not all(0 <= i < len(widths) for i in out_stages):
             raise ValueError(f"CSPDarknet: out_stages {list(out_stages)} must index {widths}")
-        self.stages = nn.ModuleList([ConvBNAct(3, widths[0], 3, stride=2)])
+        if stem_stride == 2:
+            stem = ConvBNAct(3, widths[0], 3, stride=2)
+        elif stem_stride == 4:
+            stem = ConvBNAct(3, widths[0], 4, stride=4, padding=0)
+        else:
+            raise ValueError(f"CSPDarknet: stem_stride must be 2 or 4, got {stem_stride}")
+        self.stages = nn.ModuleList([stem])
         for i, depth in enumerate(depths):
             layers = [ConvBNAct(widths[i], widths[i + 1], 3, stride=2)]
             layers.append(CSPBlock(widths[i + 1], widths[i + 1], depth))
