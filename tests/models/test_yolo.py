@@ -237,11 +237,21 @@ def _compose(overrides):
     return cfg, instantiate(cfg.model)
 
 
+PATCH_STEM = [
+    "model.backbone.stem_stride=4",
+    "model.backbone.widths=[32,64,96,128]",
+    "model.backbone.depths=[1,1,1]",
+    "model.backbone.out_stages=[1,2,3]",
+]
+
+
 @pytest.mark.parametrize(
     "overrides, num_classes, size, head",
     [
         (["experiment=digits_yolo"], 10, 256, YOLOv8Head),
         (["experiment=digits_yolo", "model=yolo_digits"], 10, 256, YOLOv3Head),
+        # the patch-stem trade documented in model/yolov8_digits.yaml
+        (["experiment=digits_yolo", *PATCH_STEM], 10, 256, YOLOv8Head),
         (["model=yolov8"], 10, 640, YOLOv8Head),
         (["model=yolov1"], 10, 448, YOLOv1Head),
         (["model=yolov3"], 10, 416, YOLOv3Head),
@@ -259,6 +269,8 @@ def test_configs_compose_and_instantiate(overrides, num_classes, size, head):
         assert cfg.transforms.train.flip_p == 0.0
         out = model(torch.rand(1, 3, 64, 64), [_target([[4, 6, 30, 40]], [7])])
         assert torch.isfinite(out.loss)
+        maps = model.backbone(torch.rand(1, 3, 64, 64))
+        assert [tuple(m.shape[-2:]) for m in maps] == [(8, 8), (4, 4), (2, 2)]
     if overrides == ["model=yolov1"]:
         assert model.head.grid_size == 7 and model.head.num_boxes == 2
         assert model.loss.lambda_coord == 5.0 and model.loss.lambda_noobj == 0.5
