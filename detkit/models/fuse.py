@@ -10,6 +10,8 @@ equal the validation that chose the checkpoint) and ``detkit predict`` turns it 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -58,26 +60,48 @@ def _folded(conv: nn.Conv2d, stats: tuple) -> nn.Conv2d:
     return fused
 
 
+# torchvision ResNet blocks: each convN feeds bnN directly (their forward is fixed).
+_BLOCK_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of the (convolution, BatchNorm) children of ``module`` where the BatchNorm reads
+    the convolution's output directly: consecutive children of a container that runs its
+    children in order, and the fixed pairs of torchvision's ResNet blocks. Other modules'
+    forward may use their children in any order, so they give none."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from detkit.models.backbones.rcnn_backbones import LayerGetter
+
+    if isinstance(module, (nn.Sequential, LayerGetter)):
+        names = [name for name, _ in module.named_children()]
+        return list(itertools.pairwise(names))
+    if isinstance(module, (BasicBlock, Bottleneck)):
+        return [pair for pair in _BLOCK_PAIRS if hasattr(module, pair[1])]
+    return []
+
+
 def fuse_conv_bn(model: nn.Module) -> int:
-    """Fold every BatchNorm that directly follows a convolution in an ``nn.Sequential`` into
-    that convolution (the BatchNorm becomes ``nn.Identity``), in place; returns how many.
+    """Fold every BatchNorm that directly follows a convolution into that convolution (the
+    BatchNorm becomes ``nn.Identity``), in place; returns how many.
 
     Only for inference: ``model`` must be in eval mode (training would update statistics
-    that no longer exist). Sequential pairs cover detkit's own blocks (``conv_bn_relu``,
-    ``ConvBNAct``); BatchNorms reached otherwise (e.g. torchvision ResNet's ``bn1``
-    attributes) are left as they are.
+    that no longer exist). "Directly follows" is known for containers that run their
+    children in order (``nn.Sequential``: detkit's ``conv_bn_relu``, ``ConvBNAct``,
+    torchvision's ``Conv2dNormActivation``; the ResNet trunk's ``LayerGetter``) and for
+    torchvision's ResNet blocks (``convN`` -> ``bnN``); BatchNorms reached otherwise are left
+    as they are.
     """
     if model.training:
         raise ValueError("fuse_conv_bn: call model.eval() first (it folds running statistics)")
     count = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        for i in range(len(module) - 1):
-            conv, bn = module[i], module[i + 1]
+    for module in list(model.modules()):
+        for conv_name, bn_name in _conv_bn_pairs(module):
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
             stats = _batch_norm_stats(bn)
             if type(conv) is not nn.Conv2d or stats is None or len(stats[0]) != conv.out_channels:
                 continue
-            module[i], module[i + 1] = _folded(conv, stats), nn.Identity()
+            setattr(module, conv_name, _folded(conv, stats))
+            setattr(module, bn_name, nn.Identity())
             count += 1
     return count

@@ -110,3 +110,40 @@ def _features(detector, images):
     if getattr(detector, "neck", None) is not None:
         features = detector.neck(features)
     return list(features.values()) if isinstance(features, dict) else list(features)
+
+
+@pytest.mark.parametrize("norm", ["frozen", "batch"])
+@torch.no_grad()
+def test_resnet_fpn_trunk_folds_its_stem_and_every_block(norm):
+    """torchvision's ResNet keeps conv/BatchNorm pairs as block attributes (conv1 -> bn1, ...)
+    and the trunk's stem as children of the LayerGetter: all of them fold."""
+    from detkit.models.backbones.rcnn_backbones import ResNetFPNBackbone
+
+    gen = torch.Generator().manual_seed(2)
+    trunk = ResNetFPNBackbone(depth=18, norm=norm).eval()
+    kind = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    batch_norms = [m for m in trunk.modules() if isinstance(m, kind)]
+    assert len(batch_norms) == 20  # stem + 8 blocks x 2 + 3 downsample branches
+    for bn in batch_norms:
+        _random_statistics(bn, gen)
+    x = torch.rand(1, 3, 96, 128, generator=gen)
+    expected = trunk(x)
+    assert fuse_conv_bn(trunk) == 20
+    assert not any(isinstance(m, kind) for m in trunk.modules())
+    for mine, theirs in zip(trunk(x), expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
+
+
+def test_a_module_with_its_own_forward_keeps_its_batchnorm():
+    """Attribute order says nothing about a custom forward's data flow: not folded."""
+
+    class PreActivation(nn.Module):  # bn(x) first, then conv: conv1 does not feed bn1
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.conv1(self.bn1(x))
+
+    model = PreActivation().eval()
+    assert fuse_conv_bn(model) == 0 and isinstance(model.bn1, nn.BatchNorm2d)
