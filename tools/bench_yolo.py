@@ -1,6 +1,6 @@
 """YOLO throughput: the anchor-free YOLO next to YOLOv3 and Faster R-CNN, digits-sized.
 
-    .venv/bin/python tools/bench_yolo.py [--batch 8] [--iters 5] [--threads N]
+    .venv/bin/python tools/bench_yolo.py [--batch 1 8 32] [--iters 5] [--threads N]
         [--models yolov8_digits:nhwc yolo_digits:nhwc faster_rcnn_digits:nhwc faster_rcnn_digits]
         [--checkpoint yolov8_digits=runs/.../best.ckpt ...]
 
@@ -12,8 +12,9 @@ Faster R-CNN's post-processing then sees about as many candidates as trained mod
 (their initial scores sit below or near the thresholds); ``--checkpoint`` loads trained
 weights instead. Calls alternate between the models so the machine's load hits them alike;
 the median per call is reported (images/s, from wall time and from this process's CPU time)
-with the ratio to the last model (the reference, Faster R-CNN). Target: the anchor-free YOLO
-infers >= 3x Faster R-CNN's images/s.
+with the ratio to the last model (the reference, Faster R-CNN), one table per batch size
+(1: one image at a time, as a camera or a service gets them; 8: ``detkit predict``'s default;
+32: a throughput job). Target: the anchor-free YOLO infers >= 3x Faster R-CNN's images/s.
 
 A ``:nhwc`` suffix runs a model with NHWC weights and batches, as ``channels_last: true``
 trains and evaluates it: ``experiment=digits_yolo`` sets it, ``digits_faster_rcnn`` does not;
@@ -113,7 +114,9 @@ def main() -> None:
             "faster_rcnn_digits",
         ],
     )  # fmt: skip
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 8, 32], help="batch sizes, one table each"
+    )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--checkpoint", nargs="*", default=[], metavar="MODEL=PATH")
@@ -127,28 +130,34 @@ def main() -> None:
     if len(sizes) != 1:
         raise SystemExit(f"the models' image sizes differ: {sizes}; compare same-size models")
     (height, width) = sizes.pop()
-    images, targets = digits_batch(args.batch, image_size=height, digit_size=(20, 100))
+    for batch in args.batch:
+        report(built, checkpoints, args.models, batch, (height, width), args.iters)
+
+
+def report(built: dict, checkpoints: dict, names: list[str], batch: int, size, iters: int):
+    """One table: every phase of every model at this batch size, ratios to the last model."""
+    (height, width), models = size, {spec: model for spec, (model, _) in built.items()}
+    images, targets = digits_batch(batch, image_size=height, digit_size=(20, 100))
     fns = {spec: step_fns(model, images, targets, nhwc) for spec, (model, nhwc) in built.items()}
     rows = {}
     for k, phase in enumerate(PHASES):
-        seconds = interleaved([fns[name][k] for name in args.models], args.iters)
+        seconds = interleaved([fns[name][k] for name in names], iters)
         rows[phase] = {
-            name: (args.batch / wall, args.batch / cpu)
-            for name, (wall, cpu) in zip(args.models, seconds, strict=True)
+            name: (batch / wall, batch / cpu)
+            for name, (wall, cpu) in zip(names, seconds, strict=True)
         }
-    reference = args.models[-1]
+    reference = names[-1]
     print(
-        f"{height}x{width} digits canvases, batch {args.batch}, 10 classes, CPU, "
+        f"\n{height}x{width} digits canvases, batch {batch}, 10 classes, CPU, "
         f"{torch.get_num_threads()} threads, weights: "
         + ", ".join(
-            f"{n}={'trained' if n.partition(':')[0] in checkpoints else 'random'}"
-            for n in args.models
+            f"{n}={'trained' if n.partition(':')[0] in checkpoints else 'random'}" for n in names
         )
     )
     print(f"{'':<49}{'wall time':^18}{'CPU time':^18}")
     print(f"{'name':<49}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
     for phase, speeds in rows.items():
-        for name in args.models:
+        for name in names:
             params = sum(p.numel() for p in models[name].parameters()) / 1e6
             (wall, cpu), (ref_wall, ref_cpu) = speeds[name], speeds[reference]
             target = TARGETS.get(name, {}).get(phase)
