@@ -68,15 +68,17 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """Names of the (convolution, BatchNorm) children of ``module`` where the BatchNorm reads
     the convolution's output directly: consecutive children of a container that runs its
     children in order, and the fixed pairs of torchvision's ResNet blocks. Other modules'
-    forward may use their children in any order, so they give none."""
+    forward may use their children in any order, so they give none (a subclass that
+    overrides ``forward`` included)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     from detkit.models.backbones.rcnn_backbones import LayerGetter
 
-    if isinstance(module, (nn.Sequential, LayerGetter)):
+    forward = type(module).forward
+    if forward in (nn.Sequential.forward, LayerGetter.forward):
         names = [name for name, _ in module.named_children()]
         return list(itertools.pairwise(names))
-    if isinstance(module, (BasicBlock, Bottleneck)):
+    if forward in (BasicBlock.forward, Bottleneck.forward):
         return [pair for pair in _BLOCK_PAIRS if hasattr(module, pair[1])]
     return []
 

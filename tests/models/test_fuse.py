@@ -135,7 +135,8 @@ def test_resnet_fpn_trunk_folds_its_stem_and_every_block(norm):
 
 
 def test_a_module_with_its_own_forward_keeps_its_batchnorm():
-    """Attribute order says nothing about a custom forward's data flow: not folded."""
+    """Attribute order says nothing about a custom forward's data flow: not folded, not even
+    in a Sequential subclass that overrides ``forward``."""
 
     class PreActivation(nn.Module):  # bn(x) first, then conv: conv1 does not feed bn1
         def __init__(self):
@@ -145,5 +146,13 @@ def test_a_module_with_its_own_forward_keeps_its_batchnorm():
         def forward(self, x):
             return self.conv1(self.bn1(x))
 
-    model = PreActivation().eval()
-    assert fuse_conv_bn(model) == 0 and isinstance(model.bn1, nn.BatchNorm2d)
+    class Reversed(nn.Sequential):  # a Sequential whose forward runs its children backwards
+        def forward(self, x):
+            for module in reversed(self):
+                x = module(x)
+            return x
+
+    model = nn.ModuleList([PreActivation(), Reversed(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))])
+    model.eval()
+    assert fuse_conv_bn(model) == 0
+    assert isinstance(model[0].bn1, nn.BatchNorm2d) and isinstance(model[1][1], nn.BatchNorm2d)
