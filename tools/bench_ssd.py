@@ -1,8 +1,8 @@
 """SSD300-VGG16: detkit vs torchvision's ssd300_vgg16 (same weights, batch, size and classes).
 
-Rows: training images/s (forward + loss + backward + SGD step), inference images/s (eval
-forward with post-processing; in torchvision's NCHW layout, and in the NHWC layout that a model
-trained with ``channels_last: true`` is evaluated in), and the SSD loss alone (matching + hard
+Rows: training images/s (forward + loss + backward + SGD step) and inference images/s (eval
+forward with post-processing), each in torchvision's NCHW layout and in the NHWC layout that
+``channels_last: true`` trains and evaluates in, and the SSD loss alone (matching + hard
 negatives + losses) for a batch of 32 fed identical head outputs, default boxes and targets;
 the loss values are checked to agree. Timings alternate ours/theirs so machine load hits both alike.
 
@@ -71,25 +71,37 @@ def build_models() -> tuple[torch.nn.Module, SSD]:
     return theirs, SSD.from_torchvision(theirs)
 
 
-def bench_train(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float]:
+def bench_train(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float, float]:
+    """img/s of a training step (forward, loss, backward, SGD) of ours (NCHW), torchvision's,
+    and a copy of ours in the NHWC layout ``channels_last: true`` trains in, with its batches
+    NHWC too (timed against torchvision again)."""
     images = torch.rand(batch, 3, 300, 300, generator=gen)
     targets = random_targets(batch, 300, gen)
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
+    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    nhwc_images = images.contiguous(memory_format=torch.channels_last)
     opt_theirs = torch.optim.SGD(theirs.parameters(), lr=1e-4, momentum=0.9)
-    ours.train(), theirs.train()
+    theirs.train()
 
-    def step_ours():
-        opt_ours.zero_grad()
-        ours(images, targets).loss.backward()
-        opt_ours.step()
+    def step(model, batch_images):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def run():
+            optimizer.zero_grad()
+            model(batch_images, targets).loss.backward()
+            optimizer.step()
+
+        return run
 
     def step_theirs():
         opt_theirs.zero_grad()
         sum(theirs(list(images), shifted(targets)).values()).backward()
         opt_theirs.step()
 
-    t_ours, t_theirs = alternate(step_ours, step_theirs, iters)
-    return batch / t_ours, batch / t_theirs
+    t_ours, t_theirs = alternate(step(ours, images), step_theirs, iters)
+    t_nhwc, t_theirs_again = alternate(step(nhwc, nhwc_images), step_theirs, iters)
+    # scaled so that nhwc / theirs is the ratio of its own alternation
+    return batch / t_ours, batch / t_theirs, batch / t_nhwc * t_theirs_again / t_theirs
 
 
 @torch.no_grad()
@@ -147,8 +159,9 @@ def main() -> None:
     theirs, ours = build_models()
     rows, values = [], {}
     if "train" in parts:
-        a, b = bench_train(theirs, ours, args.batch, args.iters, gen)
+        a, b, nhwc = bench_train(theirs, ours, args.batch, args.iters, gen)
         rows.append((f"train img/s (b={args.batch}, 300)", a, b, a / b, 1.0))
+        rows.append((f"train img/s NHWC (b={args.batch}, 300)", nhwc, b, nhwc / b, 1.0))
     if "infer" in parts:
         a, b, nhwc = bench_infer(theirs, ours, args.batch, args.iters, gen)
         rows.append((f"infer img/s (b={args.batch}, 300)", a, b, a / b, 1.0))
