@@ -71,50 +71,56 @@ def build_models() -> tuple[torch.nn.Module, SSD]:
     return theirs, SSD.from_torchvision(theirs)
 
 
-def bench_train(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float, float]:
-    """img/s of a training step (forward, loss, backward, SGD) of ours (NCHW), torchvision's,
-    and a copy of ours in the NHWC layout ``channels_last: true`` trains in, with its batches
-    NHWC too (timed against torchvision again)."""
+def layouts(ours, images):
+    """``(row suffix, model, batch)`` for ours as torchvision runs (NCHW) and as
+    ``channels_last: true`` trains and evaluates it (a copy with NHWC weights, NHWC batch)."""
+    yield "", ours, images
+    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    yield " NHWC", nhwc, images.contiguous(memory_format=torch.channels_last)
+
+
+def bench_train(theirs, ours, batch: int, iters: int, gen) -> dict[str, tuple[float, float]]:
+    """Per layout of ours: img/s of a training step (forward, loss, backward, SGD) of ours and
+    of torchvision's, timed alternately."""
     images = torch.rand(batch, 3, 300, 300, generator=gen)
     targets = random_targets(batch, 300, gen)
-    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-    nhwc_images = images.contiguous(memory_format=torch.channels_last)
     opt_theirs = torch.optim.SGD(theirs.parameters(), lr=1e-4, momentum=0.9)
     theirs.train()
-
-    def step(model, batch_images):
-        model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-        def run():
-            optimizer.zero_grad()
-            model(batch_images, targets).loss.backward()
-            optimizer.step()
-
-        return run
 
     def step_theirs():
         opt_theirs.zero_grad()
         sum(theirs(list(images), shifted(targets)).values()).backward()
         opt_theirs.step()
 
-    t_ours, t_theirs = alternate(step(ours, images), step_theirs, iters)
-    t_nhwc, t_theirs_again = alternate(step(nhwc, nhwc_images), step_theirs, iters)
-    # scaled so that nhwc / theirs is the ratio of its own alternation
-    return batch / t_ours, batch / t_theirs, batch / t_nhwc * t_theirs_again / t_theirs
+    speeds = {}
+    for layout, model, model_images in layouts(ours, images):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step_ours(model=model, optimizer=optimizer, model_images=model_images):
+            optimizer.zero_grad()
+            model(model_images, targets).loss.backward()
+            optimizer.step()
+
+        t_ours, t_theirs = alternate(step_ours, step_theirs, iters)
+        speeds[layout] = (batch / t_ours, batch / t_theirs)
+    return speeds
 
 
 @torch.no_grad()
-def bench_infer(theirs, ours, batch: int, iters: int, gen) -> tuple[float, float, float]:
-    """img/s of ours (NCHW, as torchvision runs), torchvision's, and ours in the NHWC layout
-    that ``channels_last: true`` trains and evaluates in (timed against torchvision again)."""
+def bench_infer(theirs, ours, batch: int, iters: int, gen) -> dict[str, tuple[float, float]]:
+    """Per layout of ours: img/s of the eval forward (with post-processing) of ours and of
+    torchvision's, timed alternately."""
     images = torch.rand(batch, 3, 300, 300, generator=gen)
-    ours.eval(), theirs.eval()
-    t_ours, t_theirs = alternate(lambda: ours(images), lambda: theirs(list(images)), iters)
-    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-    t_nhwc, t_theirs_again = alternate(lambda: nhwc(images), lambda: theirs(list(images)), iters)
-    # scaled so that nhwc / theirs is the ratio of its own alternation
-    return batch / t_ours, batch / t_theirs, batch / t_nhwc * t_theirs_again / t_theirs
+    theirs.eval()
+    speeds = {}
+    for layout, model, model_images in layouts(ours, images):
+        model.eval()
+        t_ours, t_theirs = alternate(
+            lambda m=model, x=model_images: m(x), lambda: theirs(list(images)), iters
+        )
+        speeds[layout] = (batch / t_ours, batch / t_theirs)
+    return speeds
 
 
 def torchvision_loss(targets, head, priors, matcher, fake_self):
@@ -158,14 +164,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     theirs, ours = build_models()
     rows, values = [], {}
-    if "train" in parts:
-        a, b, nhwc = bench_train(theirs, ours, args.batch, args.iters, gen)
-        rows.append((f"train img/s (b={args.batch}, 300)", a, b, a / b, 1.0))
-        rows.append((f"train img/s NHWC (b={args.batch}, 300)", nhwc, b, nhwc / b, 1.0))
-    if "infer" in parts:
-        a, b, nhwc = bench_infer(theirs, ours, args.batch, args.iters, gen)
-        rows.append((f"infer img/s (b={args.batch}, 300)", a, b, a / b, 1.0))
-        rows.append((f"infer img/s NHWC (b={args.batch}, 300)", nhwc, b, nhwc / b, 1.0))
+    # Each layout's row has the torchvision figure of its own alternation.
+    for part, bench in (("train", bench_train), ("infer", bench_infer)):
+        if part in parts:
+            for layout, (a, b) in bench(theirs, ours, args.batch, args.iters, gen).items():
+                rows.append((f"{part} img/s{layout} (b={args.batch}, 300)", a, b, a / b, 1.0))
     if "loss" in parts:
         a, b, v_ours, v_theirs = bench_loss(ours, args.loss_iters, gen)
         rows.append(("loss ms (b=32, 8732 priors)", 1e3 * a, 1e3 * b, b / a, 3.0))

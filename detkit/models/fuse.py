@@ -10,6 +10,7 @@ equal the validation that chose the checkpoint) and ``detkit predict`` turns it 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -64,21 +65,29 @@ def _folded(conv: nn.Conv2d, stats: tuple) -> nn.Conv2d:
 _BLOCK_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
+@functools.cache
+def _known_forwards() -> tuple[frozenset, frozenset]:
+    """The ``forward`` functions of containers that run their children in order, and of
+    torchvision's ResNet blocks (imported on first use: torchvision's models are heavy)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from detkit.models.backbones.rcnn_backbones import LayerGetter
+
+    in_order = frozenset((nn.Sequential.forward, LayerGetter.forward))
+    return in_order, frozenset((BasicBlock.forward, Bottleneck.forward))
+
+
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """Names of the (convolution, BatchNorm) children of ``module`` where the BatchNorm reads
     the convolution's output directly: consecutive children of a container that runs its
     children in order, and the fixed pairs of torchvision's ResNet blocks. Other modules'
     forward may use their children in any order, so they give none (a subclass that
     overrides ``forward`` included)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    from detkit.models.backbones.rcnn_backbones import LayerGetter
-
+    in_order, resnet_blocks = _known_forwards()
     forward = type(module).forward
-    if forward in (nn.Sequential.forward, LayerGetter.forward):
-        names = [name for name, _ in module.named_children()]
-        return list(itertools.pairwise(names))
-    if forward in (BasicBlock.forward, Bottleneck.forward):
+    if forward in in_order:
+        return list(itertools.pairwise(name for name, _ in module.named_children()))
+    if forward in resnet_blocks:
         return [pair for pair in _BLOCK_PAIRS if hasattr(module, pair[1])]
     return []
 
