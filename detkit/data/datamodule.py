@@ -53,6 +53,11 @@ class DetectionDataModule(L.LightningDataModule):
     ``label_to_category_id``. Val/test loaders never shuffle. ``persistent_workers=None``
     means "when there are workers".
 
+    ``close_augmentation_epochs``: the last that many epochs of the trainer's ``max_epochs``
+    train with the strong augmentation closed (no mosaic, zoom-out or IoU crop; see
+    :meth:`detkit.data.transforms.DetectionTransform.close_augmentation`), as Ultralytics'
+    ``close_mosaic`` does: the model ends on images like the ones it is evaluated on.
+
     The train loader is resumable (see :mod:`detkit.data.resumable`): its order and every
     sample's augmentation follow from ``seed`` and the epoch, whatever the number of workers
     or processes, and it can restart mid-epoch. No loader draws from the global random
@@ -72,10 +77,16 @@ class DetectionDataModule(L.LightningDataModule):
         pad_to_multiple: int = 1,
         drop_last: bool = False,
         seed: int = 0,
+        close_augmentation_epochs: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(close_augmentation_epochs) < 0:
+            raise ValueError(
+                f"close_augmentation_epochs must be >= 0, got {close_augmentation_epochs}"
+            )
+        self.close_augmentation_epochs = int(close_augmentation_epochs)
         self.train_dataset, self.val_dataset, self.test_dataset = train, val, test
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -138,7 +149,34 @@ class DetectionDataModule(L.LightningDataModule):
             self.train_dataset, seed=self.seed, shuffle=True, num_replicas=world_size, rank=rank
         )
         options = self._loader_options(self.batch_size)
-        return ResumableLoader(self.train_dataset, sampler, drop_last=self.drop_last, **options)
+        return ResumableLoader(
+            self.train_dataset,
+            sampler,
+            close_augmentation_from=self._close_augmentation_from(),
+            drop_last=self.drop_last,
+            **options,
+        )
+
+    def _close_augmentation_from(self) -> int | None:
+        """The first epoch trained with the strong augmentation closed (None: never)."""
+        if self.close_augmentation_epochs == 0:
+            return None
+        max_epochs = getattr(getattr(self, "trainer", None), "max_epochs", None)
+        if max_epochs is None or max_epochs < 0:
+            raise ValueError(
+                "close_augmentation_epochs counts back from the trainer's max_epochs, and "
+                f"this run has none (trainer.max_epochs={max_epochs}); set trainer.max_epochs "
+                "or close_augmentation_epochs=0"
+            )
+        close = getattr(self.train_dataset, "close_augmentation", None)
+        if close is None:
+            name = type(self.train_dataset).__name__
+            raise ValueError(
+                f"close_augmentation_epochs: the train dataset ({name}) has no "
+                "close_augmentation(); use a detkit dataset or close_augmentation_epochs=0"
+            )
+        close(False)  # here, not in a worker: transforms that cannot close fail in one line
+        return max(int(max_epochs) - self.close_augmentation_epochs, 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, "val")

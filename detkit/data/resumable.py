@@ -3,13 +3,15 @@
 A resumed run must see exactly the batches and augmentations the uninterrupted run saw, so
 nothing here draws from the global random generators or from a worker's history:
 
-- :class:`EpochSampler` orders an epoch from ``(seed, epoch)`` alone and pairs every draw with
-  its own augmentation seed from ``(seed, epoch, position)``. It shards across processes like
-  ``DistributedSampler`` (which it is, so Lightning leaves it in place under DDP) and can
-  start part-way through an epoch.
+- :class:`EpochSampler` orders an epoch from ``(seed, epoch)`` alone and gives every draw
+  its own augmentation seed from ``(seed, epoch, position)`` (and the epoch). It shards
+  across processes like ``DistributedSampler`` (which it is, so Lightning leaves it in
+  place under DDP) and can start part-way through an epoch.
 - :class:`SeededSamples` is the dataset view the loader reads: it reseeds the dataset's random
   choices from the draw's seed before loading it, so an augmentation does not depend on which
-  worker loads the sample, how many workers there are, or what they loaded before.
+  worker loads the sample, how many workers there are, or what they loaded before; from a
+  given epoch on it closes the dataset's strong augmentation (the draw says its epoch, so
+  persistent workers follow too).
 - :class:`ResumableLoader` counts the batches it has handed out in the current epoch and
   saves that as its state; Lightning keeps the state of a loader that has ``state_dict`` /
   ``load_state_dict`` in the checkpoint and hands it back on a mid-epoch resume.
@@ -29,7 +31,7 @@ SEED_RANGE = 2**32  # augmentation seeds fit every generator's seed type (np.ran
 
 
 class EpochSampler(DistributedSampler):
-    """Yields ``(index, seed)`` pairs: this process's share of the epoch's order.
+    """Yields ``(index, seed, epoch)`` draws: this process's share of the epoch's order.
 
     The order is a permutation drawn from ``(seed, epoch)`` (or ``0..n-1`` without
     ``shuffle``), padded by repeating its start so every process gets the same number of
@@ -72,8 +74,8 @@ class EpochSampler(DistributedSampler):
         if seed is not None:
             self.seed = int(seed)
 
-    def draws(self) -> list[tuple[int, int]]:
-        """This process's whole share of the current epoch, ``(index, seed)`` pairs in order."""
+    def draws(self) -> list[tuple[int, int, int]]:
+        """This process's whole share of the current epoch, ``(index, seed, epoch)`` in order."""
         rng = np.random.default_rng([self.seed, self.epoch])
         count = len(self.dataset)
         order = rng.permutation(count) if self.shuffle else np.arange(count)
@@ -83,30 +85,35 @@ class EpochSampler(DistributedSampler):
             order = np.resize(order, self.total_size)  # repeats the start, like DistributedSampler
         seeds = rng.integers(0, SEED_RANGE, size=self.total_size)
         positions = range(self.rank, self.total_size, self.num_replicas)
-        return [(int(order[p]), int(seeds[p])) for p in positions]
+        return [(int(order[p]), int(seeds[p]), self.epoch) for p in positions]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         start, self.start = self.start, 0  # the skip applies to one pass only
         return iter(self.draws()[start:])
 
 
 class SeededSamples(Dataset):
-    """``dataset`` read with ``(index, seed)`` keys: each sample's randomness from its seed.
+    """``dataset`` read with ``(index, seed, epoch)`` keys: each sample's randomness from its
+    seed.
 
     A dataset with ``reseed(seed)`` (every detkit dataset: its own generator and its
     transforms') is reseeded; any other dataset gets the global generators seeded around the
     call and put back afterwards, so the training process's own streams are untouched when
-    there are no workers.
+    there are no workers. With ``close_augmentation_from``, draws of that epoch and later
+    are loaded with the dataset's strong augmentation closed (``close_augmentation``).
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, close_augmentation_from: int | None = None) -> None:
         self.dataset = dataset
+        self.close_augmentation_from = close_augmentation_from
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        index, seed, epoch = key
+        if self.close_augmentation_from is not None:
+            self.dataset.close_augmentation(epoch >= self.close_augmentation_from)
         reseed = getattr(self.dataset, "reseed", None)
         if reseed is not None:
             reseed(seed)
@@ -142,8 +149,14 @@ class ResumableLoader(DataLoader):
     start loading the wrong epoch's samples.
     """
 
-    def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs: Any) -> None:
-        super().__init__(SeededSamples(dataset), sampler=sampler, **kwargs)
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: EpochSampler,
+        close_augmentation_from: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(SeededSamples(dataset, close_augmentation_from), sampler=sampler, **kwargs)
         self._handed_out = 0  # batches of the current epoch, skipped ones included
 
     def __iter__(self) -> Iterator[Any]:

@@ -24,6 +24,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from detkit.data.ssd_augment import SSD_MIN_IOUS, SSDRandomCrop, ZoomOut
 
 IMAGENET_MEAN_255 = (124, 116, 104)  # ImageNet mean in 0..255, SSD's zoom-out fill
+# Steps that change an image's geometry beyond a resize; closing the augmentation leaves them
+# out (with the mosaic). Albumentations' own crops are not listed: a user's pipeline keeps them.
+STRONG_AUGMENTATIONS = (ZoomOut, SSDRandomCrop)
 
 
 def _plain(value: Any) -> Any:
@@ -48,6 +51,12 @@ class DetectionTransform:
     ``mosaic`` (optional) is an ``A.Mosaic`` applied with probability ``mosaic_p`` before the
     other transforms; when it fires the dataset supplies 3 extra raw samples
     (:meth:`num_extra_samples`).
+
+    :meth:`close_augmentation` switches the strong augmentations off (the mosaic and the steps
+    of :data:`STRONG_AUGMENTATIONS`: zoom-out and the IoU crop), keeping the photometric
+    jitter, the flip and the resize: the final epochs of a run train on images like the ones
+    it is evaluated on (Ultralytics' ``close_mosaic``; see
+    :class:`~detkit.data.DetectionDataModule`'s ``close_augmentation_epochs``).
     """
 
     def __init__(
@@ -61,6 +70,9 @@ class DetectionTransform:
         self.mosaic_p = float(mosaic_p) if mosaic is not None else 0.0
         self.pipeline = self._compose(list(transforms))
         self.mosaic_pipeline = self._compose([mosaic, *transforms]) if mosaic else None
+        plain = [t for t in transforms if not isinstance(t, STRONG_AUGMENTATIONS)]
+        self.closed_pipeline = self._compose(plain) if len(plain) < len(transforms) else None
+        self.closed = False
         self._rng = np.random.default_rng()
 
     def _compose(self, transforms: list) -> A.Compose:
@@ -77,12 +89,22 @@ class DetectionTransform:
     def set_random_seed(self, seed: int) -> None:
         """Reseed every random choice (called once per data-loader worker)."""
         self._rng = np.random.default_rng(seed)
+        # First: the pipelines share their steps, and a step keeps the generator of the last
+        # pipeline seeded, so the open pipelines draw as they did before closing existed.
+        if self.closed_pipeline is not None:
+            self.closed_pipeline.set_random_seed(seed + 2)
         self.pipeline.set_random_seed(seed)
         if self.mosaic_pipeline is not None:
             self.mosaic_pipeline.set_random_seed(seed + 1)
 
+    def close_augmentation(self, closed: bool = True) -> None:
+        """Leave out (``closed``) or put back the mosaic and the strong steps."""
+        self.closed = bool(closed)
+
     def num_extra_samples(self) -> int:
         """How many extra raw samples the next call wants (3 when a mosaic is drawn)."""
+        if self.closed:
+            return 0
         if self.mosaic_pipeline is not None and self._rng.random() < self.mosaic_p:
             return 3
         return 0
@@ -100,7 +122,9 @@ class DetectionTransform:
             "box_ids": np.asarray(box_ids, dtype=np.int64),
         }
         pipeline = self.pipeline
-        if extra and self.mosaic_pipeline is not None:
+        if self.closed and self.closed_pipeline is not None:
+            pipeline = self.closed_pipeline
+        elif extra and self.mosaic_pipeline is not None:
             pipeline = self.mosaic_pipeline
             data["mosaic_metadata"] = [
                 {
@@ -117,7 +141,8 @@ class DetectionTransform:
         return tensor, out_boxes, np.asarray(out["box_ids"], dtype=np.int64).reshape(-1)
 
     def __repr__(self) -> str:
-        return f"DetectionTransform(mosaic_p={self.mosaic_p}, pipeline={self.pipeline!r})"
+        closed = ", closed" if self.closed else ""
+        return f"DetectionTransform(mosaic_p={self.mosaic_p}{closed}, pipeline={self.pipeline!r})"
 
 
 def eval_resize(size: int | Sequence[int] = 300) -> DetectionTransform:

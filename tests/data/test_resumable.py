@@ -3,6 +3,9 @@ generator, the number of workers, or what a worker loaded before; and it resumes
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DistributedSampler
@@ -12,11 +15,13 @@ from detkit.data import transforms as T
 from detkit.data.resumable import EpochSampler
 
 
-def _module(coco_dir, num_workers=0, seed=0) -> DetectionDataModule:
+def _module(coco_dir, num_workers=0, seed=0, recipe=None, **options) -> DetectionDataModule:
     image_dir, ann, _ = coco_dir
     # SSD's recipe: crops, zoom-out and colour changes drawn per sample
-    train = COCODetection(image_dir, ann, transforms=T.ssd_train(48))
-    return DetectionDataModule(train=train, batch_size=2, num_workers=num_workers, seed=seed)
+    train = COCODetection(image_dir, ann, transforms=recipe or T.ssd_train(48))
+    return DetectionDataModule(
+        train=train, batch_size=2, num_workers=num_workers, seed=seed, **options
+    )
 
 
 def _epoch(loader, epoch: int) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -78,12 +83,40 @@ def test_processes_share_an_epoch_as_distributed_sampler_does():
             for r in range(3)
         ]
         assert [len(s) for s in shares] == [3, 3, 3]
-        drawn = [index for share in shares for index, _ in share]
+        drawn = [index for share in shares for index, _, _ in share]
         assert sorted(set(drawn)) == list(range(7))  # all of it, two repeated as padding
-        seeds = [seed for share in shares for _, seed in share]
+        seeds = [seed for share in shares for _, seed, _ in share]
         assert len(set(seeds)) == 9  # each draw its own augmentation seed
     # Without shuffling, the same indices per process as torch's sampler.
     for rank in range(3):
         ours = EpochSampler(dataset, shuffle=False, num_replicas=3, rank=rank).draws()
         theirs = DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=False)
-        assert [index for index, _ in ours] == list(theirs)
+        assert [index for index, _, _ in ours] == list(theirs)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_last_epochs_train_with_the_augmentation_closed(coco_dir, num_workers):
+    """close_augmentation_epochs=1 of 3: epochs 0 and 1 as without it, epoch 2 as the recipe
+    without zoom-out and crop; persistent workers started in epoch 0 follow too."""
+    closing = _module(coco_dir, num_workers, close_augmentation_epochs=1)
+    closing.trainer = SimpleNamespace(max_epochs=3, world_size=1, global_rank=0)
+    loader = closing.train_dataloader()
+    epochs = [_epoch(loader, epoch) for epoch in range(3)]
+    full = _module(coco_dir).train_dataloader()
+    plain = _module(coco_dir, recipe=T.ssd_train(48, zoom_out_p=0.0, crop_p=0.0))
+    assert _same(epochs[0], _epoch(full, 0)) and _same(epochs[1], _epoch(full, 1))
+    assert _same(epochs[2], _epoch(plain.train_dataloader(), 2))
+    assert not _same(epochs[2], _epoch(full, 2))
+
+
+def test_closing_needs_max_epochs_and_a_dataset_that_can_close(coco_dir):
+    closing = _module(coco_dir, close_augmentation_epochs=2)
+    closing.trainer = SimpleNamespace(max_epochs=-1, world_size=1, global_rank=0)
+    with pytest.raises(ValueError, match="trainer.max_epochs=-1"):
+        closing.train_dataloader()
+    listed = DetectionDataModule(train=[(torch.zeros(3, 8, 8), {})], close_augmentation_epochs=1)
+    listed.trainer = SimpleNamespace(max_epochs=3, world_size=1, global_rank=0)
+    with pytest.raises(ValueError, match="has no close_augmentation"):
+        listed.train_dataloader()
+    with pytest.raises(ValueError, match="close_augmentation_epochs must be >= 0"):
+        DetectionDataModule(close_augmentation_epochs=-1)

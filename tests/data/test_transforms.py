@@ -202,3 +202,61 @@ def test_ssd_crop_trials_checked_at_once_equal_a_loop_over_them():
             want.append(bool(inside) and (min_iou == -np.inf or float(iou.max()) >= min_iou))
         np.testing.assert_array_equal(got, want)
         assert 0 < got.sum() < len(got) or min_iou == 0.5
+
+
+def _samples(transform, seeds, image, boxes) -> list:
+    out = []
+    for seed in seeds:
+        transform.set_random_seed(seed)
+        out.append(transform(image, boxes, np.arange(len(boxes))))
+    return out
+
+
+def _assert_same_samples(ours: list, theirs: list) -> None:
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_closed_ssd_augmentation_is_the_recipe_without_zoom_out_and_crop():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 40, 50], [30, 20, 85, 70]], np.float32)
+    full = T.ssd_train(64, zoom_out_p=0.5, crop_p=0.8)
+    opened = _samples(full, range(10), image, boxes)
+    full.close_augmentation()
+    assert "closed" in repr(full)
+    plain = T.ssd_train(64, zoom_out_p=0.0, crop_p=0.0)  # the same photometric jitter, flip
+    _assert_same_samples(
+        _samples(full, range(10), image, boxes), _samples(plain, range(10), image, boxes)
+    )
+    # Open again, it draws what it drew before it was ever closed.
+    full.close_augmentation(False)
+    _assert_same_samples(_samples(full, range(10), image, boxes), opened)
+    # The recipe's own crops and zoom-outs did fire in those ten draws.
+    assert any(
+        s[0].shape != o[0].shape or not torch.equal(s[0], o[0])
+        for s, o in zip(_samples(plain, range(10), image, boxes), opened, strict=True)
+    )
+
+
+def test_closed_yolo_augmentation_draws_no_mosaic(coco_dir):
+    image_dir, ann, _ = coco_dir
+    ds = COCODetection(image_dir, ann, transforms=T.yolo_train(128, mosaic_p=1.0))
+    ds.close_augmentation()
+    no_mosaic = COCODetection(image_dir, ann, transforms=T.yolo_train(128, mosaic_p=0.0))
+    for seed in range(4):
+        ds.reseed(seed)
+        no_mosaic.reseed(seed)
+        ours, theirs = ds[seed], no_mosaic[seed]
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        assert torch.equal(ours[1]["boxes"], theirs[1]["boxes"])
+        assert set((ours[1]["labels"] // 3).tolist()) == {seed}  # boxes of its own image only
+
+
+def test_a_dataset_whose_transforms_cannot_close_says_so(coco_dir):
+    image_dir, ann, _ = coco_dir
+    ds = COCODetection(image_dir, ann, transforms=lambda image, boxes, ids, extra=(): None)
+    with pytest.raises(ValueError, match="cannot close their augmentation"):
+        ds.close_augmentation()

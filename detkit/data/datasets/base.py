@@ -158,6 +158,17 @@ class DetectionDataset(Dataset):
         if hasattr(self.transforms, "set_random_seed"):
             self.transforms.set_random_seed(seed)
 
+    def close_augmentation(self, closed: bool = True) -> None:
+        """Switch the transforms' strong augmentations off (``closed``) or on again; see
+        :meth:`detkit.data.transforms.DetectionTransform.close_augmentation`."""
+        close = getattr(self.transforms, "close_augmentation", None)
+        if close is None:
+            raise ValueError(
+                f"{self.source}: its transforms {self.transforms!r} cannot close their "
+                "augmentation (build them with detkit.data.transforms)"
+            )
+        close(closed)
+
     def load_raw(self, index: int) -> tuple[np.ndarray, ImageRecord]:
         """The decoded file (``uint8 [H, W, 3]``) and its record; bad files are skipped
         (substituted by the next good one) when ``skip_bad_images`` is set. With
