@@ -68,6 +68,7 @@ class DetectionTransform:
     ):
         self.min_box_size = float(min_box_size)
         self.mosaic_p = float(mosaic_p) if mosaic is not None else 0.0
+        transforms = list(transforms)
         self.pipeline = self._compose(list(transforms))
         self.mosaic_pipeline = self._compose([mosaic, *transforms]) if mosaic else None
         plain = [t for t in transforms if not isinstance(t, STRONG_AUGMENTATIONS)]
