@@ -107,6 +107,10 @@ def test_the_last_epochs_train_with_the_augmentation_closed(coco_dir, num_worker
     assert _same(epochs[0], _epoch(full, 0)) and _same(epochs[1], _epoch(full, 1))
     assert _same(epochs[2], _epoch(plain.train_dataloader(), 2))
     assert not _same(epochs[2], _epoch(full, 2))
+    # A run resumed in a closed epoch (a new loader, which never saw epochs 0 and 1) too.
+    resumed = _module(coco_dir, num_workers, close_augmentation_epochs=1)
+    resumed.trainer = closing.trainer
+    assert _same(_epoch(resumed.train_dataloader(), 2), epochs[2])
 
 
 def test_closing_needs_max_epochs_and_a_dataset_that_can_close(coco_dir):
