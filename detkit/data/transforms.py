@@ -90,9 +90,10 @@ class DetectionTransform:
     def set_random_seed(self, seed: int) -> None:
         """Reseed every random choice (called once per data-loader worker)."""
         self._rng = np.random.default_rng(seed)
-        # First: the pipelines share their steps, and a step keeps the generator of the last
-        # pipeline seeded, so the open pipelines draw as they did before closing existed.
-        if self.closed_pipeline is not None:
+        # Only when in use (a pipeline's seeding costs ~60 us a sample), and first: the
+        # pipelines share their steps, and a step keeps the generator of the last pipeline
+        # seeded, so the open pipelines draw as they did before closing existed.
+        if self.closed and self.closed_pipeline is not None:
             self.closed_pipeline.set_random_seed(seed + 2)
         self.pipeline.set_random_seed(seed)
         if self.mosaic_pipeline is not None:
