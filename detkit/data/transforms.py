@@ -143,8 +143,10 @@ class DetectionTransform:
         return tensor, out_boxes, np.asarray(out["box_ids"], dtype=np.int64).reshape(-1)
 
     def __repr__(self) -> str:
-        closed = ", closed" if self.closed else ""
-        return f"DetectionTransform(mosaic_p={self.mosaic_p}{closed}, pipeline={self.pipeline!r})"
+        if self.closed:  # what runs: no mosaic, no strong steps
+            pipeline = self.closed_pipeline or self.pipeline
+            return f"DetectionTransform(closed, pipeline={pipeline!r})"
+        return f"DetectionTransform(mosaic_p={self.mosaic_p}, pipeline={self.pipeline!r})"
 
 
 def eval_resize(size: int | Sequence[int] = 300) -> DetectionTransform:
