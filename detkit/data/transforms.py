@@ -144,7 +144,7 @@ class DetectionTransform:
 
     def __repr__(self) -> str:
         if self.closed:  # what runs: no mosaic, no strong steps
-            pipeline = self.closed_pipeline or self.pipeline
+            pipeline = self.pipeline if self.closed_pipeline is None else self.closed_pipeline
             return f"DetectionTransform(closed, pipeline={pipeline!r})"
         return f"DetectionTransform(mosaic_p={self.mosaic_p}, pipeline={self.pipeline!r})"
 
