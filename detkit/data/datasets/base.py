@@ -164,8 +164,8 @@ class DetectionDataset(Dataset):
         close = getattr(self.transforms, "close_augmentation", None)
         if close is None:
             raise ValueError(
-                f"{self.source}: its transforms {self.transforms!r} cannot close their "
-                "augmentation (build them with detkit.data.transforms)"
+                f"{self.source}: its transforms ({type(self.transforms).__name__}) cannot "
+                "close their augmentation (build them with detkit.data.transforms)"
             )
         close(closed)
 
