@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+import torchvision
 
-from detkit.matching import match_stats_chunked, match_stats_dense
+from detkit.matching import (
+    AnchorGenerator,
+    DefaultBoxGenerator,
+    match_stats_chunked,
+    match_stats_dense,
+)
+from detkit.matching.fused import _SharedAxisIoU
 from detkit.matching.fused_kernel import fused_match_stats
 
 
@@ -46,6 +53,55 @@ def test_triton_launcher_equals_cpu_path(batch, most, num):
     no_ties = fused_match_stats(priors, gt, mask)
     assert no_ties.ties is None
     assert torch.equal(no_ties.argmax, expected.argmax)
+
+
+def _grid_priors(kind):
+    """Priors on grids, as the detectors make them: SSD's default boxes, RPN anchors."""
+    if kind == "ssd":
+        generator = DefaultBoxGenerator([[2], [2, 3], [2]], scales=[0.1, 0.3, 0.6, 0.9])
+        return generator((96, 128), [(12, 16), (6, 8), (3, 4)])
+    generator = AnchorGenerator(((16, 32), (64,)), ((0.5, 1.0, 2.0), (0.5, 1.0)))
+    return generator((96, 128), [(12, 16), (3, 4)])
+
+
+def _gt_on_grid(priors, batch, most, seed):
+    """Ground truth with some boxes copied from the priors (exact IoU 1, ties across
+    duplicate intervals) and the rest random; about a quarter padded."""
+    g = torch.Generator().manual_seed(seed)
+    gt = _boxes((batch, most), g, scale=100.0)
+    picks = torch.randint(0, len(priors), (batch, most // 3), generator=g)
+    gt[:, : most // 3] = priors[picks]
+    mask = torch.rand(batch, most, generator=g) < 0.75
+    mask[:, 0] = True
+    return gt, mask
+
+
+@pytest.mark.parametrize("kind", ["ssd", "rpn"])
+def test_shared_axis_iou_gives_torchvision_box_iou_bits(kind):
+    priors = _grid_priors(kind)
+    gt, _ = _gt_on_grid(priors, 1, 12, seed=3)
+    shared = _SharedAxisIoU.if_worth_it(gt[0], priors)
+    assert shared is not None  # grid priors repeat their intervals
+    expected = torchvision.ops.box_iou(gt[0], priors)
+    assert torch.equal(shared(0, len(priors)), expected)
+    assert torch.equal(shared(100, 357), expected[:, 100:357])
+    assert (expected == 1).any()  # the copied priors: exact matches survive
+
+
+def test_shared_axis_iou_is_skipped_for_boxes_off_a_grid():
+    g = torch.Generator().manual_seed(0)
+    assert _SharedAxisIoU.if_worth_it(_boxes((4,), g), _boxes((500,), g)) is None
+
+
+@pytest.mark.parametrize("kind", ["ssd", "rpn"])
+@pytest.mark.parametrize("chunk_size", [97, 100_000])
+def test_chunked_equals_dense_on_grid_priors(kind, chunk_size):
+    priors = _grid_priors(kind)
+    gt, mask = _gt_on_grid(priors, 4, 9, seed=chunk_size)
+    mask[2] = False  # an image without ground truth
+    dense = match_stats_dense(priors, gt, mask, need_ties=True)
+    _assert_equal(match_stats_chunked(priors, gt, mask, True, chunk_size=chunk_size), dense)
+    assert dense.ties.any() and (dense.max_iou == 1).any()
 
 
 def test_no_ground_truth_columns():
