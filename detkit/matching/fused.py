@@ -94,7 +94,8 @@ class _SharedAxisIoU:
         """The shared-axis IoU when the priors repeat their intervals enough to pay for the
         gathers (at most half as many distinct intervals as priors) and the per-axis overlaps
         stay within a few chunks' memory; else None."""
-        if len(priors) < 64 or priors.is_cuda:
+        # float32 only: the intervals are compared as two float32 bits in one int64.
+        if len(priors) < 64 or priors.is_cuda or {priors.dtype, boxes.dtype} != {torch.float32}:
             return None
         x_axis = _distinct_intervals(priors[:, 0], priors[:, 2])
         y_axis = _distinct_intervals(priors[:, 1], priors[:, 3])
@@ -139,7 +140,8 @@ class _ChunkIoU:
         if self.shared_axes is not None:
             real_iou = self.shared_axes(start, start + len(chunk))
         else:
-            real_iou = box_iou(self.real_boxes, chunk)
+            # float32 as the dense path (stats_from_iou) reduces, also for float64 boxes
+            real_iou = box_iou(self.real_boxes, chunk).float()
         out = self.buffer[:, : len(chunk)]
         out.index_copy_(0, self.rows, real_iou)
         return real_iou, out.view(*self.shape, len(chunk))

@@ -117,3 +117,12 @@ def test_bad_shapes_are_reported():
         match_stats_chunked(torch.zeros(5, 3), torch.zeros(1, 2, 4), torch.ones(1, 2).bool())
     with pytest.raises(ValueError, match="gt_mask"):
         match_stats_chunked(torch.zeros(5, 4), torch.zeros(1, 2, 4), torch.ones(2, 2).bool())
+
+
+def test_chunked_grid_matching_in_float64_equals_dense():
+    priors = _grid_priors("ssd").double()
+    gt, mask = _gt_on_grid(priors.float(), 2, 5, seed=5)
+    gt = gt.double()
+    assert _SharedAxisIoU.if_worth_it(gt[0], priors) is None  # float32 bits only
+    dense = match_stats_dense(priors, gt, mask, need_ties=True)
+    _assert_equal(match_stats_chunked(priors, gt, mask, True, chunk_size=50), dense)
