@@ -219,6 +219,57 @@ def _assert_same_samples(ours: list, theirs: list) -> None:
         np.testing.assert_array_equal(a[2], b[2])
 
 
+def test_ssd_train_checks_boxes_once_and_draws_what_a_check_after_every_step_draws():
+    """The SSD recipe clips and size-filters boxes after its last step only; with the paper's
+    strongest zoom-out and crops, small boxes and boxes on the border, every sample equals
+    the one of the same steps checked after each (albumentations' default)."""
+    import albumentations as A
+    import cv2
+
+    def steps():
+        return [
+            A.ColorJitter(0.125, 0.5, 0.5, 0.05, p=0.5),
+            ZoomOut(max_scale=4.0, p=0.5),
+            SSDRandomCrop(min_scale=0.1, p=1.0),
+            A.HorizontalFlip(p=0.5),
+            A.Resize(48, 48, interpolation=cv2.INTER_LINEAR),
+        ]
+
+    recipe = T.ssd_train(48, max_zoom=4.0, crop_min_scale=0.1, crop_p=1.0)
+    assert recipe.pipeline.processors["bboxes"].params.check_each_transform is False
+    checked = T.DetectionTransform(steps())
+    assert checked.pipeline.processors["bboxes"].params.check_each_transform is True
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    boxes = np.array(
+        [[0, 0, 30, 40], [60, 30, 90, 70], [40, 10, 43, 13], [10, 50, 12, 52], [20, 20, 70, 60]],
+        np.float32,
+    )
+    ours, theirs = (
+        _samples(recipe, range(300), image, boxes),
+        _samples(checked, range(300), image, boxes),
+    )
+    _assert_same_samples(ours, theirs)
+    kept = [len(s[1]) for s in ours]
+    assert min(kept) < len(boxes) and max(kept) == len(boxes)  # crops did drop boxes
+
+
+def test_a_check_at_the_end_takes_the_minimum_box_size_in_output_pixels():
+    """A crop that is then enlarged: a 0.8 px sliver of the crop is 3.2 px in the output; a
+    box outside the crop goes either way."""
+    import albumentations as A
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    boxes = np.array([[19.2, 0.0, 25.0, 10.0], [0.0, 0.0, 5.0, 5.0]], np.float32)
+    steps = [A.Crop(10, 0, 20, 10), A.Resize(40, 40)]  # the first box is 0.8 px wide here
+    each = T.DetectionTransform([A.Crop(10, 0, 20, 10), A.Resize(40, 40)])
+    once = T.DetectionTransform(steps, check_each_step=False)
+    assert len(each(image, boxes, np.arange(2))[2]) == 0
+    _, out_boxes, ids = once(image, boxes, np.arange(2))
+    np.testing.assert_array_equal(ids, [0])
+    np.testing.assert_allclose(out_boxes, [[36.8, 0.0, 40.0, 40.0]], atol=1e-4)
+
+
 def test_closed_ssd_augmentation_is_the_recipe_without_zoom_out_and_crop():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)
