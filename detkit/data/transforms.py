@@ -77,7 +77,7 @@ class DetectionTransform:
         self.check_each_step = bool(check_each_step)
         self.mosaic_p = float(mosaic_p) if mosaic is not None else 0.0
         transforms = list(transforms)
-        self.pipeline = self._compose(list(transforms))
+        self.pipeline = self._compose(transforms)
         self.mosaic_pipeline = self._compose([mosaic, *transforms]) if mosaic else None
         plain = [t for t in transforms if not isinstance(t, STRONG_AUGMENTATIONS)]
         self.closed_pipeline = self._compose(plain) if len(plain) < len(transforms) else None
