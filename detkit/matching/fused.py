@@ -95,8 +95,10 @@ class _SharedAxisIoU:
         """The shared-axis IoU when the priors repeat their intervals enough to pay for the
         gathers (at most half as many distinct intervals as priors) and the per-axis overlaps
         stay within a few chunks' memory; else None."""
-        # float32 only: the intervals are compared as two float32 bits in one int64.
-        if len(priors) < 64 or priors.is_cuda or {priors.dtype, boxes.dtype} != {torch.float32}:
+        # float32 only: the intervals are compared as two float32 bits in one int64. CPU only:
+        # the gathers were measured to pay there (CUDA and other devices keep box_iou).
+        on_cpu = priors.device.type == "cpu"
+        if len(priors) < 64 or not on_cpu or {priors.dtype, boxes.dtype} != {torch.float32}:
             return None
         x_axis = _distinct_intervals(priors[:, 0], priors[:, 2])
         y_axis = _distinct_intervals(priors[:, 1], priors[:, 3])
