@@ -36,7 +36,23 @@ class Normalize(nn.Module):
         self.std.copy_(torch.as_tensor([float(v) for v in std]).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        mean, std = self.mean.to(images.dtype), self.std.to(images.dtype)
+        if images.dim() == 4 and _channels_last_only(images):
+            # NHWC memory: broadcasting [1, 3, 1, 1] walks channels innermost, 3 at a time
+            # (1.84 ms for 8 x 3 x 256 x 256 on 2 cores, 0.34 in NCHW). Seen as rows of
+            # W * 3 values against the statistics tiled W times, the loop is long and
+            # vectorised (0.39 ms), with the same per-element arithmetic, so the same bits.
+            batch, channels, height, width = images.shape
+            rows = images.permute(0, 2, 3, 1).reshape(batch * height, width * channels)
+            out = rows - mean.view(channels).repeat(width)
+            out.div_(std.view(channels).repeat(width))  # in place: one fresh buffer, not two
+            return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        return (images - mean).div_(std)
+
+
+def _channels_last_only(images: Tensor) -> bool:
+    """Channels-last memory that is not also plain contiguous (as a 1x1 map is)."""
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
 
 
 def check_images(images: Tensor) -> None:

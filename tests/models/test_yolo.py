@@ -86,6 +86,28 @@ def test_patch_stem_sees_each_4x4_patch_once_and_gives_strides_8_16_32():
         CSPDarknet(TINY, stem_stride=3)
 
 
+@pytest.mark.parametrize("activation", ["relu", "hardswish", "silu"])
+def test_activation_reaches_every_convolution_of_trunk_neck_and_head(activation):
+    from detkit.models.backbones.darknet import ACTIVATIONS
+
+    trunk = CSPDarknet(TINY, activation=activation)
+    neck = YOLOPAN(trunk.out_channels, bottom_up=True, depth=1, activation=activation)
+    head = YOLOv8Head(neck.out_channels, 3, box_branch="conv", class_branch="depthwise",
+                      activation=activation)  # fmt: skip
+    chosen = ACTIVATIONS[activation]
+    for part in (trunk, neck, head):
+        acts = [m for m in part.modules() if isinstance(m, tuple(ACTIVATIONS.values()))]
+        convs = [m for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+        # every convolution but the head's 1x1 predictors is followed by the activation
+        predictors = 2 * len(neck.out_channels) if part is head else 0
+        assert len(acts) == len(convs) - predictors
+        assert all(type(m) is chosen for m in acts)
+    out = head(neck(trunk(torch.rand(1, 3, 64, 64))))
+    assert torch.isfinite(out.box).all() and torch.isfinite(out.class_logits).all()
+    with pytest.raises(ValueError, match="activation 'gelu' is not one of"):
+        CSPDarknet(TINY, activation="gelu")
+
+
 def test_v3_head_flattens_in_prior_order_and_decodes_zero_to_priors():
     priors, c = YOLOPriors(ANCHORS), 2
     cols = 3 * (5 + c)
@@ -237,11 +259,15 @@ def _compose(overrides):
     return cfg, instantiate(cfg.model)
 
 
-PATCH_STEM = [
-    "model.backbone.stem_stride=4",
-    "model.backbone.widths=[32,64,96,128]",
-    "model.backbone.depths=[1,1,1]",
-    "model.backbone.out_stages=[1,2,3]",
+# the first digits default, kept in model/yolov8_digits.yaml's comment: 3x3 stride-2 stem, SiLU
+THREE_BY_THREE_STEM = [
+    "model.backbone.stem_stride=2",
+    "model.backbone.widths=[16,32,64,96,128]",
+    "model.backbone.depths=[1,1,1,1]",
+    "model.backbone.out_stages=[2,3,4]",
+    "model.backbone.activation=silu",
+    "model.neck.in_channels=[64,96,128]",
+    "model.neck.depth=1",
 ]
 
 
@@ -250,8 +276,7 @@ PATCH_STEM = [
     [
         (["experiment=digits_yolo"], 10, 256, YOLOv8Head),
         (["experiment=digits_yolo", "model=yolo_digits"], 10, 256, YOLOv3Head),
-        # the patch-stem trade documented in model/yolov8_digits.yaml
-        (["experiment=digits_yolo", *PATCH_STEM], 10, 256, YOLOv8Head),
+        (["experiment=digits_yolo", *THREE_BY_THREE_STEM], 10, 256, YOLOv8Head),
         (["model=yolov8"], 10, 640, YOLOv8Head),
         (["model=yolov1"], 10, 448, YOLOv1Head),
         (["model=yolov3"], 10, 416, YOLOv3Head),
@@ -271,6 +296,15 @@ def test_configs_compose_and_instantiate(overrides, num_classes, size, head):
         assert torch.isfinite(out.loss)
         maps = model.backbone(torch.rand(1, 3, 64, 64))
         assert [tuple(m.shape[-2:]) for m in maps] == [(8, 8), (4, 4), (2, 2)]
+    if overrides[0] == "experiment=digits_yolo" and head is YOLOv8Head:
+        # the neck and head follow the backbone's activation
+        wanted = (
+            torch.nn.SiLU if "model.backbone.activation=silu" in overrides else torch.nn.Hardswish
+        )
+        acts = {
+            type(m) for m in model.modules() if isinstance(m, (torch.nn.SiLU, torch.nn.Hardswish))
+        }
+        assert acts == {wanted}
     if overrides == ["model=yolov1"]:
         assert model.head.grid_size == 7 and model.head.num_boxes == 2
         assert model.loss.lambda_coord == 5.0 and model.loss.lambda_noobj == 0.5

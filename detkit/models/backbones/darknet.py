@@ -11,10 +11,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+# The activations a CSP-Darknet model can be built with. SiLU is YOLOv5/v8's; on a CPU it costs
+# 5-8x a ReLU or hard-swish (0.65 ms vs 0.1 ms on 8 x 32 x 64 x 64, 2 cores: its exp), which is
+# 13% of the digits YOLO's inference (5.5 of 40.6 ms for a batch of 8, BatchNorm folded).
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "hardswish": nn.Hardswish}
+
+
+def activation_module(name: str) -> nn.Module:
+    """The in-place activation ``name`` (a key of ``ACTIVATIONS``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name](inplace=True)
+
 
 class ConvBNAct(nn.Sequential):
-    """Conv (no bias) + BatchNorm + SiLU, the unit of CSP-Darknet (YOLOv4/v5 style);
-    ``groups=in_ch`` makes it depthwise; ``padding`` defaults to ``kernel // 2``."""
+    """Conv (no bias) + BatchNorm + activation (SiLU by default), the unit of CSP-Darknet
+    (YOLOv4/v5 style); ``groups=in_ch`` makes it depthwise; ``padding`` defaults to
+    ``kernel // 2``; ``activation`` is a key of ``ACTIVATIONS``."""
 
     def __init__(
         self,
@@ -24,6 +37,7 @@ class ConvBNAct(nn.Sequential):
         stride: int = 1,
         groups: int = 1,
         padding: int | None = None,
+        activation: str = "silu",
     ) -> None:
         super().__init__(
             nn.Conv2d(
@@ -36,7 +50,7 @@ class ConvBNAct(nn.Sequential):
                 bias=False,
             ),  # fmt: skip
             nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.03),
-            nn.SiLU(inplace=True),
+            activation_module(activation),
         )
         # He init keeps activations at unit scale through deep stacks even before BatchNorm
         # statistics exist (torch's default init shrinks them ~3x per layer in eval mode).
@@ -46,10 +60,10 @@ class ConvBNAct(nn.Sequential):
 class Bottleneck(nn.Module):
     """1x1 then 3x3 convolution with an optional residual connection."""
 
-    def __init__(self, channels: int, shortcut: bool = True) -> None:
+    def __init__(self, channels: int, shortcut: bool = True, activation: str = "silu") -> None:
         super().__init__()
-        self.conv1 = ConvBNAct(channels, channels, 1)
-        self.conv2 = ConvBNAct(channels, channels, 3)
+        self.conv1 = ConvBNAct(channels, channels, 1, activation=activation)
+        self.conv2 = ConvBNAct(channels, channels, 3, activation=activation)
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,13 +75,22 @@ class CSPBlock(nn.Module):
     """Cross-stage partial block: half the channels go through ``depth`` bottlenecks, the other
     half bypass them, and a 1x1 convolution fuses the two (CSPNet; YOLOv5's C3)."""
 
-    def __init__(self, in_ch: int, out_ch: int, depth: int = 1, shortcut: bool = True) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        depth: int = 1,
+        shortcut: bool = True,
+        activation: str = "silu",
+    ) -> None:
         super().__init__()
         hidden = out_ch // 2
-        self.main = ConvBNAct(in_ch, hidden, 1)
-        self.bypass = ConvBNAct(in_ch, hidden, 1)
-        self.blocks = nn.Sequential(*[Bottleneck(hidden, shortcut) for _ in range(depth)])
-        self.fuse = ConvBNAct(2 * hidden, out_ch, 1)
+        self.main = ConvBNAct(in_ch, hidden, 1, activation=activation)
+        self.bypass = ConvBNAct(in_ch, hidden, 1, activation=activation)
+        self.blocks = nn.Sequential(
+            *[Bottleneck(hidden, shortcut, activation) for _ in range(depth)]
+        )
+        self.fuse = ConvBNAct(2 * hidden, out_ch, 1, activation=activation)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fuse(torch.cat((self.blocks(self.main(x)), self.bypass(x)), dim=1))
@@ -77,12 +100,12 @@ class SPPF(nn.Module):
     """Spatial pyramid pooling (fast): three chained 5x5 max-pools concatenated, which widens
     the receptive field of the coarsest map at almost no cost."""
 
-    def __init__(self, channels: int, kernel: int = 5) -> None:
+    def __init__(self, channels: int, kernel: int = 5, activation: str = "silu") -> None:
         super().__init__()
         hidden = channels // 2
-        self.reduce = ConvBNAct(channels, hidden, 1)
+        self.reduce = ConvBNAct(channels, hidden, 1, activation=activation)
         self.pool = nn.MaxPool2d(kernel, stride=1, padding=kernel // 2)
-        self.fuse = ConvBNAct(4 * hidden, channels, 1)
+        self.fuse = ConvBNAct(4 * hidden, channels, 1, activation=activation)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.reduce(x)
@@ -109,6 +132,7 @@ class CSPDarknet(nn.Module):
         out_stages: indices into the stages (0 = stem) whose outputs are returned.
         spp: end with an SPPF block on the last stage.
         stem_stride: 2 (3x3 stride-2 convolution, Darknet) or 4 (4x4 patches).
+        activation: of every convolution, a key of ``ACTIVATIONS`` (default SiLU).
     """
 
     def __init__(
@@ -118,6 +142,7 @@ class CSPDarknet(nn.Module):
         out_stages: Sequence[int] = (2, 3, 4),
         spp: bool = True,
         stem_stride: int = 2,
+        activation: str = "silu",
     ) -> None:
         super().__init__()
         widths, depths = [int(w) for w in widths], [int(d) for d in depths]
@@ -129,17 +154,17 @@ class CSPDarknet(nn.Module):
         if not out_stages or not all(0 <= i < len(widths) for i in out_stages):
             raise ValueError(f"CSPDarknet: out_stages {list(out_stages)} must index {widths}")
         if stem_stride == 2:
-            stem = ConvBNAct(3, widths[0], 3, stride=2)
+            stem = ConvBNAct(3, widths[0], 3, stride=2, activation=activation)
         elif stem_stride == 4:
-            stem = ConvBNAct(3, widths[0], 4, stride=4, padding=0)
+            stem = ConvBNAct(3, widths[0], 4, stride=4, padding=0, activation=activation)
         else:
             raise ValueError(f"CSPDarknet: stem_stride must be 2 or 4, got {stem_stride}")
         self.stages = nn.ModuleList([stem])
         for i, depth in enumerate(depths):
-            layers = [ConvBNAct(widths[i], widths[i + 1], 3, stride=2)]
-            layers.append(CSPBlock(widths[i + 1], widths[i + 1], depth))
+            layers = [ConvBNAct(widths[i], widths[i + 1], 3, stride=2, activation=activation)]
+            layers.append(CSPBlock(widths[i + 1], widths[i + 1], depth, activation=activation))
             if spp and i == len(depths) - 1:
-                layers.append(SPPF(widths[i + 1]))
+                layers.append(SPPF(widths[i + 1], activation=activation))
             self.stages.append(nn.Sequential(*layers))
         self.out_stages = [int(i) for i in out_stages]
         self.out_channels: list[int] = [widths[i] for i in self.out_stages]

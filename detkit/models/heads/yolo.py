@@ -207,6 +207,7 @@ class YOLOv8Head(nn.Module):
         box_branch, class_branch: ``"conv"`` (two 3x3 convs, YOLOv8) or ``"depthwise"``
             (two depthwise 3x3 + pointwise pairs, YOLO11's classification branch: a fraction
             of the cost at the same width).
+        activation: of the branches' convolutions (see ``darknet.ACTIVATIONS``; default SiLU).
 
     The box logits start uniform (every side at the middle of its range).
     """
@@ -224,6 +225,7 @@ class YOLOv8Head(nn.Module):
         prior_prob: float | None = None,
         box_branch: str = "conv",
         class_branch: str = "conv",
+        activation: str = "silu",
     ) -> None:
         super().__init__()
         in_channels = [int(c) for c in in_channels]
@@ -243,10 +245,10 @@ class YOLOv8Head(nn.Module):
         box_ch = box_channels or max(16, in_channels[0] // 4, 4 * self.reg_max)
         cls_ch = class_channels or max(in_channels[0], min(self.num_classes, 100))
         self.box_branches = nn.ModuleList(
-            _branch(box_branch, c, int(box_ch), 4 * self.reg_max) for c in in_channels
+            _branch(box_branch, c, int(box_ch), 4 * self.reg_max, activation) for c in in_channels
         )
         self.class_branches = nn.ModuleList(
-            _branch(class_branch, c, int(cls_ch), self.num_classes) for c in in_channels
+            _branch(class_branch, c, int(cls_ch), self.num_classes, activation) for c in in_channels
         )
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         for box, cls, stride in zip(self.box_branches, self.class_branches, strides, strict=True):
@@ -278,14 +280,15 @@ class YOLOv8Head(nn.Module):
 BRANCHES = ("conv", "depthwise")
 
 
-def _branch(kind: str, in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:
+def _branch(kind: str, in_ch: int, hidden: int, out_ch: int, activation: str) -> nn.Sequential:
     """Two 3x3 ConvBNAct (or depthwise 3x3 + pointwise pairs) and a 1x1 predictor."""
+    act = {"activation": activation}
     if kind == "conv":
-        layers = [ConvBNAct(in_ch, hidden, 3), ConvBNAct(hidden, hidden, 3)]
+        layers = [ConvBNAct(in_ch, hidden, 3, **act), ConvBNAct(hidden, hidden, 3, **act)]
     else:
         layers = [
-            ConvBNAct(in_ch, in_ch, 3, groups=in_ch), ConvBNAct(in_ch, hidden, 1),
-            ConvBNAct(hidden, hidden, 3, groups=hidden), ConvBNAct(hidden, hidden, 1),
+            ConvBNAct(in_ch, in_ch, 3, groups=in_ch, **act), ConvBNAct(in_ch, hidden, 1, **act),
+            ConvBNAct(hidden, hidden, 3, groups=hidden, **act), ConvBNAct(hidden, hidden, 1, **act),
         ]  # fmt: skip
     predictor = nn.Conv2d(hidden, out_ch, 1)
     nn.init.normal_(predictor.weight, std=0.01)

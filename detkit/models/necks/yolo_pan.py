@@ -23,6 +23,7 @@ class YOLOPAN(nn.Module):
         out_channels: channels of the output maps; defaults to ``in_channels``.
         depth: bottlenecks in each fusing CSP block.
         bottom_up: add the PANet bottom-up path after the top-down one.
+        activation: of every convolution (see ``darknet.ACTIVATIONS``; default SiLU).
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class YOLOPAN(nn.Module):
         out_channels: Sequence[int] | None = None,
         depth: int = 1,
         bottom_up: bool = False,
+        activation: str = "silu",
     ) -> None:
         super().__init__()
         in_channels = [int(c) for c in in_channels]
@@ -41,23 +43,28 @@ class YOLOPAN(nn.Module):
                 f"{in_channels}, out_channels={out_channels}"
             )
         n = len(in_channels)
-        self.top = CSPBlock(in_channels[-1], out_channels[-1], depth, shortcut=False)
+        act = {"activation": activation}
+        self.top = CSPBlock(in_channels[-1], out_channels[-1], depth, shortcut=False, **act)
         # Top-down: reduce the coarse map, upsample x2, concat with the finer input, fuse.
         self.reduce = nn.ModuleList()
         self.fuse_down = nn.ModuleList()
         for i in range(n - 2, -1, -1):
             half = out_channels[i + 1] // 2
-            self.reduce.append(ConvBNAct(out_channels[i + 1], half, 1))
+            self.reduce.append(ConvBNAct(out_channels[i + 1], half, 1, **act))
             self.fuse_down.append(
-                CSPBlock(in_channels[i] + half, out_channels[i], depth, shortcut=False)
+                CSPBlock(in_channels[i] + half, out_channels[i], depth, shortcut=False, **act)
             )
         self.downsample = nn.ModuleList()
         self.fuse_up = nn.ModuleList()
         if bottom_up:
             for i in range(1, n):
-                self.downsample.append(ConvBNAct(out_channels[i - 1], out_channels[i - 1], 3, 2))
+                self.downsample.append(
+                    ConvBNAct(out_channels[i - 1], out_channels[i - 1], 3, 2, **act)
+                )
                 self.fuse_up.append(
-                    CSPBlock(out_channels[i - 1] + out_channels[i], out_channels[i], depth, False)
+                    CSPBlock(
+                        out_channels[i - 1] + out_channels[i], out_channels[i], depth, False, **act
+                    )
                 )
         self.out_channels: list[int] = out_channels
 
