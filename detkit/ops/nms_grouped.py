@@ -104,6 +104,16 @@ def x_order(boxes: Tensor, dim: int = -1) -> Tensor:
     return torch.sort(boxes[..., 0], dim=dim, stable=True).indices
 
 
+def group_x_order(groups: Tensor, x1: Tensor) -> Tensor:
+    """Stable permutation sorting by (group, ``x1``): ties keep their input order."""
+    if x1.dtype == torch.float32:
+        # One stable sort of a (group, x1) composite key instead of two stable sorts.
+        key = groups.to(torch.int64) * (1 << 32) + _float32_key(x1)
+        return torch.sort(key, stable=True).indices
+    by_x = torch.sort(x1, stable=True).indices
+    return take(by_x, torch.sort(take(groups, by_x), stable=True).indices)
+
+
 class Windows(NamedTuple):
     """Each box's partners ``(i, end_i)`` and the row blocks they are computed in."""
 

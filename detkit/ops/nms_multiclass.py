@@ -24,6 +24,7 @@ from detkit.ops.nms_grouped import (
     Windows,
     greedy_keep,
     group_order,
+    group_x_order,
     outranks,
     pairs_worth_it,
     promote,
@@ -44,6 +45,10 @@ _PER_IMAGE_MIN = 1 << 20
 # (image, class) rows hold too many candidates, else it gathers those rows (a strided
 # gather of every row measured several times slower than the transpose).
 _MANY = 16
+# Candidates are sorted on their own (not through the x1 order of all the boxes) when the
+# boxes outnumber them this many times: sorting M keys against sorting B * N and a pass
+# over the [B, C, N] mask (measured: the own sort wins up to M ~ 0.8 B N, loses from 4 B N).
+_SPARSE = 2
 
 
 class Candidates(NamedTuple):
@@ -140,9 +145,21 @@ def candidate_mask(scores: Tensor, score_threshold: float, per_class_top_k, pre_
 
 
 def enumerate_candidates(boxes: Tensor, scores: Tensor, mask: Tensor) -> Candidates:
-    """The candidates of ``mask`` in (image, class, x1) order (no sort of the candidates)."""
+    """The candidates of ``mask`` in (image, class, x1) order, ties in box order.
+
+    Boxes shared by the classes are put in x1 order by permuting the mask's box axis (one
+    sort of all ``B * N`` boxes and a pass over the mask) or, when the candidates are fewer
+    than half the boxes (a trained model's scores), by sorting just the candidates (0.6 ms
+    -> 0.25 ms for the digits YOLO's 770 candidates of 8 x 1344 boxes).
+    """
     batch, num_classes, n = mask.shape
-    if boxes.dim() == 3:
+    if boxes.dim() == 3 and int(count_true(mask.view(-1), 0)) * _SPARSE < batch * n:
+        image, label, box = torch.nonzero(mask, as_tuple=True)  # (image, class, box) order
+        x1 = take(boxes[..., 0].reshape(-1), image * n + box)
+        order = group_x_order(image * num_classes + label, x1)
+        image, label, box = take(image, order), take(label, order), take(box, order)
+        cand_boxes = take(boxes.view(-1, 4), image * n + box)
+    elif boxes.dim() == 3:
         order = x_order(boxes)  # [B, N]
         index = order[:, None, :].expand(batch, num_classes, n)
         permuted = mask.view(torch.uint8).gather(2, index)  # (faster than a bool gather)

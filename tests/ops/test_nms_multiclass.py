@@ -77,6 +77,21 @@ def test_exact_ties_everywhere():
     check(identical, torch.full((3, 300, 2), 0.5), 60, 80, 30)
 
 
+@pytest.mark.parametrize("sparse", [0, 10**9], ids=["candidates-sorted", "boxes-sorted"])
+def test_both_candidate_orders_equal_reference(monkeypatch, sparse):
+    # Both ways to put the candidates in (image, class, x1) order, on boxes sharing x1 values
+    # (ties must keep box order) and on float64 boxes (two stable sorts instead of one key).
+    monkeypatch.setattr(nms_multiclass, "_SPARSE", sparse)
+    boxes = spread_boxes(3, 400)
+    boxes[..., 0::2] = boxes[..., 0::2].round(decimals=-1)  # x1 (and x2) on a 10-pixel grid
+    boxes[..., 2] = torch.maximum(boxes[..., 2], boxes[..., 0] + 1)
+    for density in ("trained", "softmax"):
+        scores = scores_at(density, 3, 400, 6)
+        check(boxes, scores, 80, 300, 40)
+        check(boxes, scores, 80)
+        check(boxes.double(), scores.double(), 80)
+
+
 def test_class_specific_boxes():
     boxes = spread_boxes(2, 120)
     per_class = torch.stack([boxes, boxes + 2.0, boxes.flip(1)], dim=2)  # [B, N, C, 4]
