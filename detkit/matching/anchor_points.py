@@ -26,6 +26,10 @@ class AnchorPointGrid(NamedTuple):
     stride: Tensor  # [P] float: cell size in pixels (the unit of the predicted distances)
     image_size: tuple[int, int] = (0, 0)
 
+    def rows(self, index: Tensor) -> AnchorPointGrid:
+        """The points ``index`` picks (any index shape)."""
+        return AnchorPointGrid(self.points[index], self.stride[index], self.image_size)
+
 
 class AnchorPoints:
     """Cell centres of feature maps at ``strides`` (default the stride 8/16/32 maps).

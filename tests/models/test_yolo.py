@@ -223,7 +223,8 @@ def test_forward_modes_and_bad_input(version):
         YOLO(CSPDarknet(TINY), head, YOLOPriors(ANCHORS), YOLOv3Coder(), None, 3)
 
 
-def test_postprocess_equals_threshold_then_torchvision_batched_nms():
+@pytest.mark.parametrize("every_box", [True, False], ids=["every-box", "candidates-only"])
+def test_postprocess_equals_threshold_then_torchvision_batched_nms(every_box):
     model = _tiny_v3(
         num_classes=3,
         size=96,
@@ -235,7 +236,8 @@ def test_postprocess_equals_threshold_then_torchvision_batched_nms():
     raw = torch.randn(2, sum(3 * (96 // s) ** 2 for s in (8, 16, 32)), 8)
     outputs = YOLOv3Output(raw[..., :4], raw[..., 4], raw[..., 5:])
     grid = model.prior_generator((96, 96))
-    detections = unpad_detections(*model.select(*model.decode(outputs, grid, (96, 96))))
+    candidates = model.decode(outputs, grid, (96, 96), every_box=every_box)
+    detections = unpad_detections(*model.select(*candidates))
     boxes = YOLOv3Coder().decode(grid, outputs.box).clamp(0, 96)
     scores = YOLOv3Head.scores(outputs)
     for b, det in enumerate(detections):
@@ -246,6 +248,38 @@ def test_postprocess_equals_threshold_then_torchvision_batched_nms():
         torch.testing.assert_close(det["scores"], cand_scores[keep])
         torch.testing.assert_close(det["boxes"], cand_boxes[keep])
         assert torch.equal(det["labels"], label[keep])
+
+
+@pytest.mark.parametrize("version", ["v3", "v8"])
+def test_candidates_only_decode_equals_every_box_decode_where_selection_reads(version):
+    # Selection reads the boxes of (box, class) pairs above the score threshold only: those
+    # are decoded bit for bit as when decoding every box, the others are zeros, detections
+    # (eager forward, predict_padded) equal selecting from every box.
+    torch.manual_seed(0)
+    if version == "v8":
+        model = yolov8(3, 128, CSPDarknet(TINY)).eval()
+        for branch in model.head.box_branches:  # boxes of all sizes, not the initial mid-range
+            torch.nn.init.normal_(branch[-1].weight, std=0.3)
+    else:
+        model = _tiny_v3(size=128).eval()
+    images = torch.rand(2, 3, 128, 128)
+    sizes = torch.tensor([[128, 128], [80, 112]])
+    boxes, scores = model.predict_candidates(images, sizes)
+    # An untrained model's scores sit near its prior: a threshold leaving a tenth of the boxes.
+    model.score_threshold = float(scores.amax(-1).quantile(0.9))
+    sparse_boxes, sparse_scores = model.predict_candidates(images, sizes, every_box=False)
+    read = (scores > model.score_threshold).any(-1)
+    assert 0 < int(read.sum()) < read.numel() // 2
+    assert torch.equal(sparse_scores, scores)
+    assert torch.equal(sparse_boxes[read], boxes[read])
+    assert not sparse_boxes[~read].any()
+    expected = model.select(boxes, scores)
+    for got in (model.predict_padded(images, sizes), model.select(sparse_boxes, sparse_scores)):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    eager = model(images).detections
+    padded = unpad_detections(*model.select(*model.predict_candidates(images)))
+    for a, b in zip(eager, padded, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
 
 
 def _compose(overrides):

@@ -116,10 +116,26 @@ class OneStageDetector(nn.Module):
         return self._references[key]
 
     def decode(
-        self, outputs, reference, image_size: tuple[int, int], image_sizes: Tensor | None = None
+        self,
+        outputs,
+        reference,
+        image_size: tuple[int, int],
+        image_sizes: Tensor | None = None,
+        *,
+        every_box: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """Boxes ``[B, N, 4]`` clipped to the image (to each image's ``image_sizes [B, 2]``
-        (h, w) when given) and class scores ``[B, N, C]`` of every prediction."""
+        (h, w) when given) and class scores ``[B, N, C]`` of every prediction.
+
+        ``every_box=False`` (the selection's input): only the boxes that can be candidates
+        (a class score above ``score_threshold``) are decoded, the others are zeros, which
+        selection never reads. Done in eager mode for references that give their ``rows``
+        (YOLO's grids): a trained model leaves a few percent of the boxes, and the anchor-free
+        YOLO's distribution decode of all of them was 5% of its inference. Graph capture
+        (export, ``torch.compile``) decodes every box: no data-dependent shapes in the graph.
+        """
+        if not every_box and hasattr(reference, "rows") and _eager(outputs.box):
+            return self._decode_candidates(outputs, reference, image_size, image_sizes)
         batch = outputs.box.shape[0]
         try:
             boxes = self.box_coder.decode(reference, outputs.box.float())
@@ -134,6 +150,17 @@ class OneStageDetector(nn.Module):
         boxes = clip_boxes(boxes.reshape(batch, -1, 4), limits)
         scores = self.head.scores(outputs).float().reshape(batch, boxes.shape[1], -1)
         return boxes, scores
+
+    def _decode_candidates(self, outputs, reference, image_size, image_sizes):
+        """``decode`` of the boxes with a class score above ``score_threshold`` (see there)."""
+        batch, num_boxes = outputs.box.shape[:2]
+        scores = self.head.scores(outputs).float().reshape(batch, num_boxes, -1)
+        image, row = torch.nonzero((scores > self.score_threshold).any(-1), as_tuple=True)
+        boxes = scores.new_zeros((batch, num_boxes, 4))
+        picked = outputs.box[image, row].float()
+        boxes[image, row] = self.box_coder.decode(reference.rows(row), picked).reshape(-1, 4)
+        limits = image_size if image_sizes is None else image_sizes
+        return clip_boxes(boxes, limits), scores
 
     def select(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Threshold, per-class NMS and the best K per image, padded (see ``multiclass_nms``)."""
@@ -151,15 +178,16 @@ class OneStageDetector(nn.Module):
 
     # ----- the inference contract -------------------------------------------------------
     def predict_candidates(
-        self, images: Tensor, image_sizes: Tensor | None = None
+        self, images: Tensor, image_sizes: Tensor | None = None, *, every_box: bool = True
     ) -> tuple[Tensor, Tensor]:
-        """Decoded, clipped ``boxes [B, N, 4]`` and ``scores [B, N, C]`` before selection."""
+        """Decoded, clipped ``boxes [B, N, 4]`` and ``scores [B, N, C]`` before selection
+        (``every_box``: see :meth:`decode`)."""
         check_images(images)
         image_size = _hw(images)
         features = self.features(images)
         outputs = self.head(features)
         reference = self.reference(image_size, features)
-        return self.decode(outputs, reference, image_size, image_sizes)
+        return self.decode(outputs, reference, image_size, image_sizes, every_box=every_box)
 
     def predict_padded(
         self, images: Tensor, image_sizes: Tensor | None = None
@@ -168,7 +196,7 @@ class OneStageDetector(nn.Module):
         in input pixels, ``K = detections_per_image``; rows past ``num_detections`` are 0.
         ``image_sizes [B, 2]``: each image's valid (h, w) inside the padded batch, which its
         boxes are clipped to (default: the tensor size)."""
-        return self.select(*self.predict_candidates(images, image_sizes))
+        return self.select(*self.predict_candidates(images, image_sizes, every_box=False))
 
     def forward(
         self,
@@ -189,9 +217,15 @@ class OneStageDetector(nn.Module):
         if want_detections:
             sizes = target_sizes(targets)
             with torch.no_grad():
-                padded = self.select(*self.decode(outputs, reference, image_size, sizes))
+                candidates = self.decode(outputs, reference, image_size, sizes, every_box=False)
+                padded = self.select(*candidates)
             output.detections = unpad_detections(*padded)
         return output
+
+
+def _eager(tensor: Tensor) -> bool:
+    """Outside graph capture (which traces with tensor subclasses or under dynamo)."""
+    return type(tensor) is Tensor and not torch.compiler.is_compiling()
 
 
 def _hw(images: Tensor) -> tuple[int, int]:
