@@ -41,6 +41,7 @@ def _targets() -> list[dict]:
 def test_multiscale_pooler_equals_torchvision() -> None:
     feats = _features()
     boxes = [_boxes(40, 0), _boxes(30, 1)]
+    boxes[1][3, 0] = float("nan")  # no level: a row of zeros, as torchvision gives
     rois = torch.cat(
         [torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)]
     )
@@ -48,6 +49,7 @@ def test_multiscale_pooler_equals_torchvision() -> None:
     expected = theirs({str(k): f for k, f in enumerate(feats)}, boxes, [IMAGE, IMAGE])
     got = RoIPooler(7, 2, "align")(feats, rois, IMAGE)
     torch.testing.assert_close(got, expected)
+    assert not got[43].any() and got.isfinite().all()
     # The paper's single-map RoI max pooling at stride 16.
     pooled = RoIPooler(7, mode="pool")(feats[2:3], rois, IMAGE)
     torch.testing.assert_close(pooled, roi_pool(feats[2], rois, 7, 1 / 16))
