@@ -63,6 +63,12 @@ def build(spec: str, checkpoint: str | None):
 def step_fns(model, images, targets, nhwc: bool):
     if nhwc:
         images = images.contiguous(memory_format=torch.channels_last)
+    # Inference runs the weights as given (a checkpoint, or the initial ones): the training
+    # phase's AdamW steps move every weight by about lr each, after which "trained" would no
+    # longer be the checkpoint, and the tables of later batch sizes would see other weights.
+    inference_model = copy.deepcopy(model).eval()
+    folded = copy.deepcopy(inference_model)
+    fuse_conv_bn(folded)  # keeps the weights' layout
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train() -> None:
@@ -73,18 +79,12 @@ def step_fns(model, images, targets, nhwc: bool):
         optimizer.step()
 
     def infer() -> None:
-        model.eval()
         with torch.inference_mode():
-            model(images)
-
-    folded = []
+            inference_model(images)
 
     def infer_folded() -> None:
-        if not folded:  # folded from the weights as they are after the training phase
-            folded.append(copy.deepcopy(model).eval())
-            fuse_conv_bn(folded[0])  # keeps the weights' layout
         with torch.inference_mode():
-            folded[0](images)
+            folded(images)
 
     return train, infer, infer_folded
 
