@@ -244,6 +244,9 @@ def multiclass_nms(
     )
     args = (float(score_threshold), float(iou_threshold), int(max_detections))
     if eager_cpu(boxes, scores):
+        # Selection is not differentiable (the op has no autograd formula either): detached,
+        # a predict_padded run with autograd on reads its candidates' values without a warning.
+        boxes, scores = boxes.detach(), scores.detach()
         return multiclass_select(boxes, scores, *args, pre_nms_top_k, per_class_top_k, cpu_keep)
     return _multiclass_nms_op(boxes, scores, *args, pre_nms_top_k, per_class_top_k)
 

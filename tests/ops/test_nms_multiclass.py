@@ -3,6 +3,8 @@ documented rule (detkit.testing.torchvision_multiclass_nms), and torchvision SSD
 post-processing, at every density of scores, with and without the top-k rules, and on each
 of the CPU engine's three ways to find the suppressions."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -90,6 +92,17 @@ def test_both_candidate_orders_equal_reference(monkeypatch, sparse):
         check(boxes, scores, 80, 300, 40)
         check(boxes, scores, 80)
         check(boxes.double(), scores.double(), 80)
+
+
+def test_inputs_that_require_grad_give_the_same_detections_without_warnings():
+    # A model's predict_padded run with autograd on hands selection tensors that need grad.
+    boxes, scores = spread_boxes(2, 300), scores_at("trained", 2, 300, 5)
+    expected = ops.multiclass_nms(boxes, scores, 0.05, 0.45, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ops.multiclass_nms(boxes.requires_grad_(), scores.requires_grad_(), 0.05, 0.45, 50)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not any(t.requires_grad for t in got)
 
 
 def test_class_specific_boxes():
