@@ -60,15 +60,21 @@ def build(spec: str, checkpoint: str | None):
     return model, bool(layout)
 
 
-def step_fns(model, images, targets, nhwc: bool):
+def inference_copies(model) -> tuple:
+    """Eval-mode copies of the weights as given (a checkpoint, or the initial ones), plain and
+    with BatchNorm folded, taken before any training phase: its AdamW steps move every weight
+    by about lr each, after which "trained" would no longer be the checkpoint and each batch
+    size's table would see other weights."""
+    plain = copy.deepcopy(model).eval()
+    folded = copy.deepcopy(plain)
+    fuse_conv_bn(folded)  # keeps the weights' layout
+    return plain, folded
+
+
+def step_fns(model, copies: tuple, images, targets, nhwc: bool):
     if nhwc:
         images = images.contiguous(memory_format=torch.channels_last)
-    # Inference runs the weights as given (a checkpoint, or the initial ones): the training
-    # phase's AdamW steps move every weight by about lr each, after which "trained" would no
-    # longer be the checkpoint, and the tables of later batch sizes would see other weights.
-    inference_model = copy.deepcopy(model).eval()
-    folded = copy.deepcopy(inference_model)
-    fuse_conv_bn(folded)  # keeps the weights' layout
+    inference_model, folded = copies
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train() -> None:
@@ -126,19 +132,25 @@ def main() -> None:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     built = {spec: build(spec, checkpoints.get(spec.partition(":")[0])) for spec in args.models}
     models = {spec: model for spec, (model, _) in built.items()}
+    copies = {spec: inference_copies(model) for spec, model in models.items()}
     sizes = {as_hw(model.image_size) for model in models.values()}
     if len(sizes) != 1:
         raise SystemExit(f"the models' image sizes differ: {sizes}; compare same-size models")
     (height, width) = sizes.pop()
     for batch in args.batch:
-        report(built, checkpoints, args.models, batch, (height, width), args.iters)
+        report(built, copies, checkpoints, args.models, batch, (height, width), args.iters)
 
 
-def report(built: dict, checkpoints: dict, names: list[str], batch: int, size, iters: int):
+def report(
+    built: dict, copies: dict, checkpoints: dict, names: list[str], batch: int, size, iters: int
+):
     """One table: every phase of every model at this batch size, ratios to the last model."""
     (height, width), models = size, {spec: model for spec, (model, _) in built.items()}
     images, targets = digits_batch(batch, image_size=height, digit_size=(20, 100))
-    fns = {spec: step_fns(model, images, targets, nhwc) for spec, (model, nhwc) in built.items()}
+    fns = {
+        spec: step_fns(model, copies[spec], images, targets, nhwc)
+        for spec, (model, nhwc) in built.items()
+    }
     rows = {}
     for k, phase in enumerate(PHASES):
         seconds = interleaved([fns[name][k] for name in names], iters)

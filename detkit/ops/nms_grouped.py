@@ -90,13 +90,18 @@ def group_order(scores: Tensor, groups: Tensor, tiebreak: Tensor | None = None) 
     if tiebreak is not None:
         order = torch.sort(groups.to(torch.int64) * (1 << 32) + tiebreak, stable=True).indices
     groups, scores = take(groups, order), take(scores, order)
-    if scores.dtype == torch.float32 and scores.numel() > 0:
-        # One stable sort of a (group, score) composite key instead of two stable sorts.
-        key = groups.to(torch.int64) * (1 << 32) + _descending_key(scores)
-        return take(order, torch.sort(key, stable=True).indices)
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    order, groups = take(order, by_score), take(groups, by_score)
-    return take(order, torch.sort(groups, stable=True).indices)
+    return take(order, _group_stable_sort(groups, scores, descending=True))
+
+
+def _group_stable_sort(groups: Tensor, values: Tensor, descending: bool) -> Tensor:
+    """Stable permutation sorting by (group, value): ties keep their input order."""
+    if values.dtype == torch.float32:
+        # One stable sort of a (group, value) composite key instead of two stable sorts.
+        value_key = _descending_key(values) if descending else _float32_key(values)
+        key = groups.to(torch.int64) * (1 << 32) + value_key
+        return torch.sort(key, stable=True).indices
+    by_value = torch.sort(values, descending=descending, stable=True).indices
+    return take(by_value, torch.sort(take(groups, by_value), stable=True).indices)
 
 
 def x_order(boxes: Tensor, dim: int = -1) -> Tensor:
@@ -106,12 +111,7 @@ def x_order(boxes: Tensor, dim: int = -1) -> Tensor:
 
 def group_x_order(groups: Tensor, x1: Tensor) -> Tensor:
     """Stable permutation sorting by (group, ``x1``): ties keep their input order."""
-    if x1.dtype == torch.float32:
-        # One stable sort of a (group, x1) composite key instead of two stable sorts.
-        key = groups.to(torch.int64) * (1 << 32) + _float32_key(x1)
-        return torch.sort(key, stable=True).indices
-    by_x = torch.sort(x1, stable=True).indices
-    return take(by_x, torch.sort(take(groups, by_x), stable=True).indices)
+    return _group_stable_sort(groups, x1, descending=False)
 
 
 class Windows(NamedTuple):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from detkit.models.transform import Normalize, as_hw, check_images, check_inputs
 from detkit.ops import clip_boxes, multiclass_nms
+from detkit.ops._library import eager_cpu
 from detkit.structures import (
     DetectorOutput,
     Targets,
@@ -129,16 +130,24 @@ class OneStageDetector(nn.Module):
 
         ``every_box=False`` (the selection's input): only the boxes that can be candidates
         (a class score above ``score_threshold``) are decoded, the others are zeros, which
-        selection never reads. Done in eager mode for references that give their ``rows``
+        selection never reads. Done in eager CPU mode for references that give their ``rows``
         (YOLO's grids): a trained model leaves a few percent of the boxes, and the anchor-free
         YOLO's distribution decode of all of them was 5% of its inference. Graph capture
         (export, ``torch.compile``) decodes every box: no data-dependent shapes in the graph.
         """
-        if not every_box and hasattr(reference, "rows") and _eager(outputs.box):
-            return self._decode_candidates(outputs, reference, image_size, image_sizes)
         batch = outputs.box.shape[0]
+        if not every_box and hasattr(reference, "rows") and eager_cpu(outputs.box):
+            scores = self.head.scores(outputs).float().reshape(batch, outputs.box.shape[1], -1)
+            boxes = self._decode_candidates(outputs, reference, scores)
+        else:
+            boxes = self._decode_every_box(outputs, reference, image_size).reshape(batch, -1, 4)
+            scores = self.head.scores(outputs).float().reshape(batch, boxes.shape[1], -1)
+        limits = image_size if image_sizes is None else image_sizes
+        return clip_boxes(boxes, limits), scores
+
+    def _decode_every_box(self, outputs, reference, image_size) -> Tensor:
         try:
-            boxes = self.box_coder.decode(reference, outputs.box.float())
+            return self.box_coder.decode(reference, outputs.box.float())
         except RuntimeError as err:  # broadcasting predictions against a reference of another size
             raise ValueError(
                 f"{type(self).__name__}: the head's predictions {tuple(outputs.box.shape)} do "
@@ -146,21 +155,15 @@ class OneStageDetector(nn.Module):
                 "the prior generator's levels, anchors per location and strides match the head "
                 "and the backbone's feature maps?"
             ) from err
-        limits = image_size if image_sizes is None else image_sizes
-        boxes = clip_boxes(boxes.reshape(batch, -1, 4), limits)
-        scores = self.head.scores(outputs).float().reshape(batch, boxes.shape[1], -1)
-        return boxes, scores
 
-    def _decode_candidates(self, outputs, reference, image_size, image_sizes):
-        """``decode`` of the boxes with a class score above ``score_threshold`` (see there)."""
-        batch, num_boxes = outputs.box.shape[:2]
-        scores = self.head.scores(outputs).float().reshape(batch, num_boxes, -1)
+    def _decode_candidates(self, outputs, reference, scores: Tensor) -> Tensor:
+        """Boxes ``[B, N, 4]``: those with a class score above ``score_threshold`` decoded,
+        the others zero (see :meth:`decode`)."""
         image, row = torch.nonzero((scores > self.score_threshold).any(-1), as_tuple=True)
-        boxes = scores.new_zeros((batch, num_boxes, 4))
+        boxes = scores.new_zeros((*scores.shape[:2], 4))
         picked = outputs.box[image, row].float()
         boxes[image, row] = self.box_coder.decode(reference.rows(row), picked).reshape(-1, 4)
-        limits = image_size if image_sizes is None else image_sizes
-        return clip_boxes(boxes, limits), scores
+        return boxes
 
     def select(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Threshold, per-class NMS and the best K per image, padded (see ``multiclass_nms``)."""
@@ -221,11 +224,6 @@ class OneStageDetector(nn.Module):
                 padded = self.select(*candidates)
             output.detections = unpad_detections(*padded)
         return output
-
-
-def _eager(tensor: Tensor) -> bool:
-    """Outside graph capture (which traces with tensor subclasses or under dynamo)."""
-    return type(tensor) is Tensor and not torch.compiler.is_compiling()
 
 
 def _hw(images: Tensor) -> tuple[int, int]:
