@@ -256,6 +256,17 @@ def torchvision_multiclass_nms(
     return results
 
 
+def tie_order(scores: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
+    """The permutation putting detections in (score descending, label, x1, y1, x2, y2) order:
+    two lists that differ only in the order of exactly equal scores come out the same."""
+    keys = [scores, labels, *boxes.unbind(1)]
+    order = torch.arange(len(scores), device=scores.device)
+    for column in range(len(keys) - 1, -1, -1):  # stable sorts, the last key first
+        step = torch.sort(keys[column][order], stable=True, descending=column == 0).indices
+        order = order[step]
+    return order
+
+
 def detection_mismatch(padded, reference, ties_in_any_order: bool = False) -> str | None:
     """How ``multiclass_nms``'s padded outputs differ from per-image ``reference`` detections
     (``[(boxes, scores, labels)]``, best first), or ``None`` when they hold the same ones in
@@ -265,11 +276,7 @@ def detection_mismatch(padded, reference, ties_in_any_order: bool = False) -> st
 
     def rows(boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         table = torch.cat([scores[:, None].double(), labels[:, None].double(), boxes.double()], 1)
-        if ties_in_any_order:  # lexicographic (score desc, label, box): stable sorts, last first
-            for column in range(5, -1, -1):
-                order = torch.sort(table[:, column], stable=True, descending=column == 0).indices
-                table = table[order]
-        return table
+        return table[tie_order(scores, labels, boxes)] if ties_in_any_order else table
 
     for i, (boxes, scores, labels) in enumerate(reference):
         k = len(scores)
