@@ -58,6 +58,17 @@ class Matcher:
         """Whether :meth:`decide` reads ``MatchStats.ties``."""
         return self.allow_low_quality_matches
 
+    @property
+    def argmax_from(self) -> float | None:
+        """The lowest best IoU at which :meth:`decide` reads a prior's ``argmax`` (None: any).
+
+        Only positives take their argmax: priors at ``high_threshold`` or above, and with
+        low-quality matches also those tying some ground truth's best, whatever their IoU.
+        """
+        if self.allow_low_quality_matches or self.high_threshold <= 0:
+            return None
+        return self.high_threshold
+
     def __call__(self, iou: Tensor, gt_mask: Tensor | None = None) -> MatchResult:
         """Match ``iou [B, M, P]`` (``gt_mask [B, M]`` marks real ground truth)."""
         if gt_mask is None:
@@ -67,15 +78,18 @@ class Matcher:
     def decide(self, stats: MatchStats, gt_mask: Tensor) -> MatchResult:
         """Decisions from precomputed statistics (dense or fused)."""
         max_iou = stats.max_iou
-        labels = torch.zeros(max_iou.shape, dtype=torch.int8, device=max_iou.device)
-        labels[max_iou >= self.low_threshold] = -1
-        labels[max_iou >= self.high_threshold] = 1
+        positive = max_iou >= self.high_threshold
         if self.allow_low_quality_matches:
             if stats.ties is None:
                 raise ValueError("allow_low_quality_matches needs MatchStats.ties")
-            labels[stats.ties] = 1
-        labels[~gt_mask.any(dim=1)] = 0
-        matched = torch.where(labels == 1, stats.argmax, torch.zeros_like(stats.argmax))
+            positive |= stats.ties
+        # Images without ground truth have only negatives. Masks and where, not masked
+        # assignments: each of those is a nonzero and a scatter (0.4 ms of SSD300's matching).
+        has_gt = gt_mask.any(dim=1, keepdim=True)
+        positive &= has_gt
+        ignored = (max_iou >= self.low_threshold) & ~positive & has_gt
+        labels = positive.to(torch.int8) - ignored.to(torch.int8)
+        matched = torch.where(positive, stats.argmax, 0)
         return MatchResult(matched, labels, max_iou)
 
     def __repr__(self) -> str:
@@ -99,16 +113,15 @@ class SSDMatcher(Matcher):
     def decide(self, stats: MatchStats, gt_mask: Tensor) -> MatchResult:
         """Decisions from precomputed statistics (dense or fused)."""
         result = super().decide(stats, gt_mask)
-        matched, labels = result.matched_gt.clone(), result.labels.clone()
         batch, most = gt_mask.shape
         gt_index = torch.arange(most, device=gt_mask.device).expand(batch, most)
-        forced = torch.full_like(matched, -1)
+        forced = torch.full_like(result.matched_gt, -1)
         forced.scatter_reduce_(
             1, stats.gt_argmax, torch.where(gt_mask, gt_index, -1), reduce="amax"
         )
         is_forced = forced >= 0
-        matched = torch.where(is_forced, forced, matched)
-        labels[is_forced] = 1
+        matched = torch.where(is_forced, forced, result.matched_gt)
+        labels = torch.where(is_forced, 1, result.labels).to(torch.int8)
         return MatchResult(matched, labels, result.max_iou)
 
     def __repr__(self) -> str:
@@ -137,7 +150,9 @@ def match_priors(
     elif priors.is_cuda and _triton_launcher() is not None:
         stats = _triton_launcher()(priors, gt_boxes, gt_mask, matcher.needs_ties)
     else:
-        stats = match_stats_chunked(priors, gt_boxes, gt_mask, matcher.needs_ties)
+        stats = match_stats_chunked(
+            priors, gt_boxes, gt_mask, matcher.needs_ties, argmax_from=matcher.argmax_from
+        )
     return matcher.decide(stats, gt_mask)
 
 

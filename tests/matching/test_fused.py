@@ -126,3 +126,44 @@ def test_chunked_grid_matching_in_float64_equals_dense():
     assert _SharedAxisIoU.if_worth_it(gt[0], priors) is None  # float32 bits only
     dense = match_stats_dense(priors, gt, mask, need_ties=True)
     _assert_equal(match_stats_chunked(priors, gt, mask, True, chunk_size=50), dense)
+
+
+@pytest.mark.parametrize(("kind", "argmax_from"), [("ssd", 0.5), ("rpn", 0.7), ("ssd", 0.0)])
+def test_argmax_from_gives_the_dense_argmax_wherever_the_best_iou_reaches_it(kind, argmax_from):
+    priors = _grid_priors(kind)
+    gt, mask = _gt_on_grid(priors, 4, 9, seed=3)
+    mask[2] = False  # an image without ground truth
+    gt[1, 0] = gt[1, 1]  # duplicate ground truth: equal IoU rows, the first one counts
+    dense = match_stats_dense(priors, gt, mask, need_ties=True)
+    sparse = match_stats_chunked(priors, gt, mask, True, chunk_size=97, argmax_from=argmax_from)
+    needed = dense.max_iou >= argmax_from
+    assert needed.any() and (dense.argmax[needed & (dense.argmax > 0)]).numel() > 0
+    assert torch.equal(sparse.argmax[needed], dense.argmax[needed])
+    assert (sparse.argmax[~needed] == 0).all()
+    _assert_equal(sparse._replace(argmax=None), dense._replace(argmax=None))
+    at_duplicate = (dense.max_iou[1] >= argmax_from) & (dense.argmax[1] <= 1)
+    assert (sparse.argmax[1][at_duplicate] == 0).all() and at_duplicate.any()
+
+
+def test_argmax_from_leaves_nan_ious_unmatched_like_the_dense_path():
+    priors = _grid_priors("ssd")
+    gt, mask = _gt_on_grid(priors, 2, 3, seed=5)
+    gt[0, 1, 0] = float("nan")
+    mask[0, 1] = True
+    dense = match_stats_dense(priors, gt, mask)
+    sparse = match_stats_chunked(priors, gt, mask, chunk_size=97, argmax_from=0.5)
+    assert dense.max_iou[0].isnan().all()  # NaN wins the max, and compares below any threshold
+    assert torch.equal(sparse.max_iou.isnan(), dense.max_iou.isnan())
+    needed = dense.max_iou >= 0.5
+    assert torch.equal(sparse.argmax[needed], dense.argmax[needed]) and needed[1].any()
+
+
+def test_cached_grid_intervals_follow_in_place_changes_of_the_priors():
+    priors = _grid_priors("ssd").clone()
+    gt, mask = _gt_on_grid(priors, 2, 6, seed=7)
+    first = match_stats_chunked(priors, gt, mask, chunk_size=97)
+    _assert_equal(first, match_stats_dense(priors, gt, mask))
+    priors[:, [0, 2]] += 3.0  # same tensor, moved: the cached intervals must not be reused
+    moved = match_stats_chunked(priors, gt, mask, chunk_size=97)
+    _assert_equal(moved, match_stats_dense(priors, gt, mask))
+    assert not torch.equal(moved.max_iou, first.max_iou)
