@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 
 import numpy as np
 
-from detkit.eval.io import load_ground_truth, load_predictions
+from detkit.eval.io import load_ground_truth, load_predictions, read_json
 from detkit.eval.stats import stats_dict
 
 BACKENDS = ("detkit", "pycocotools", "faster_coco_eval")
@@ -35,16 +34,18 @@ def run_backend(backend: str, gt, predictions) -> dict:
     coco_cls, eval_cls = _tool(backend)
     truth = load_ground_truth(gt)
     load_predictions(predictions, truth)  # same clear errors whatever the backend
+    # The files are read here as for detkit's loaders (a byte-order mark is fine) and handed
+    # to the tool as data; its own readers would choke on what those accept.
+    gt = copy.deepcopy(gt) if isinstance(gt, dict) else read_json(gt, "ground truth")
+    if isinstance(predictions, list):
+        dets = copy.deepcopy(predictions)
+    else:
+        dets = read_json(predictions, "predictions")
     with contextlib.redirect_stdout(io.StringIO()):
-        if isinstance(gt, dict):
-            coco_gt = coco_cls()
-            coco_gt.dataset = copy.deepcopy(gt)
-            coco_gt.createIndex()
-        else:
-            coco_gt = coco_cls(os.fspath(gt))
-        dets = predictions if not isinstance(predictions, list) else copy.deepcopy(predictions)
-        dets = os.fspath(dets) if isinstance(dets, os.PathLike) else dets
-        if isinstance(dets, list) and not dets:
+        coco_gt = coco_cls()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        if not dets:
             coco_dt = coco_cls()
             coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": []}
             coco_dt.dataset["categories"] = list(coco_gt.dataset["categories"])

@@ -58,8 +58,14 @@ def coco_match(
     iou_thresholds: np.ndarray = IOU_THRESHOLDS,
     area_ranges: np.ndarray = AREA_RANGES,
     max_det: int = MAX_DETS[-1],
+    ignore: np.ndarray | None = None,
 ) -> CocoMatch:
-    """Match all detections to ground truth for every IoU threshold and area range at once."""
+    """Match all detections to ground truth for every IoU threshold and area range at once.
+
+    ``ignore [G]`` marks more ground truth to ignore like crowd regions (detections matching
+    it count as neither TP nor FP, and it is not counted as missed) but with the plain IoU:
+    VOC's difficult objects for the VOC protocols' curves. COCO's AP takes None.
+    """
     num_cats = len(gt.category_ids)
     gt_groups = gt.image * num_cats + gt.category
     gt_order = np.argsort(gt_groups, kind="stable")
@@ -75,6 +81,8 @@ def coco_match(
 
     lo, hi = area_ranges[:, :1], area_ranges[:, 1:]
     gt_ignore = g_crowd[None] | (g_area[None] < lo) | (g_area[None] > hi)  # [A, G]
+    if ignore is not None:
+        gt_ignore |= ignore[gt_order][None]
     matched = greedy_match(pair_det, pair_gt, iou, rank, gt_ignore, g_crowd, iou_thresholds)
     areas, thresholds = len(area_ranges), len(iou_thresholds)
     matched = matched.reshape(areas, thresholds, -1)
@@ -174,10 +182,16 @@ def evaluate_coco(
     return coco_from_arrays(truth, load_predictions(predictions, truth))
 
 
-def coco_from_arrays(truth: GroundTruth, pred: Predictions, keep_match: bool = False) -> dict:
+def coco_from_arrays(
+    truth: GroundTruth,
+    pred: Predictions,
+    keep_match: bool = False,
+    ignore: np.ndarray | None = None,
+) -> dict:
     """:func:`evaluate_coco` on loaded arrays; ``keep_match`` adds the matching pass under
-    ``"match"`` and the precision array ``[T, R, K, A]`` under ``"precision"``."""
-    match = coco_match(truth, pred)
+    ``"match"`` and the precision array ``[T, R, K, A]`` under ``"precision"``; ``ignore``
+    as in :func:`coco_match` (None for COCO's own numbers)."""
+    match = coco_match(truth, pred, ignore=ignore)
     precision = coco_precision(
         match.tp, match.fp, match.det_category, match.num_gt, RECALL_THRESHOLDS
     )

@@ -49,13 +49,15 @@ def run(
     (area AP at IoU 0.5). ``backend`` (``detkit``, ``pycocotools`` or ``faster_coco_eval``)
     computes the COCO stats; VOC protocols are detkit's only. Every protocol also reports
     per-class best-F1 thresholds and precision/recall/F1 at ``score_threshold`` (from the
-    COCO matching at IoU 0.5) and a confusion matrix at that score threshold. Returns the
-    dict written to metrics.json.
+    COCO matching at IoU 0.5; the VOC protocols ignore difficult objects there too) and a
+    confusion matrix at that score threshold. Returns the dict written to metrics.json.
     """
     check_options(protocol, backend)
     truth = load_ground_truth(gt)
     pred = load_predictions(predictions, truth)
-    coco = coco_from_arrays(truth, pred, keep_match=True)
+    # VOC ignores its difficult objects: the curves and the confusion matrix do too.
+    ignore = None if protocol == "coco" else truth.difficult
+    coco = coco_from_arrays(truth, pred, keep_match=True, ignore=ignore)
     keys = list(coco["per_class"])
     if protocol == "coco":
         result = {"protocol": "coco", "backend": backend}
@@ -76,7 +78,7 @@ def run(
             k: at_threshold(c, score_threshold) for k, c in zip(keys, curves, strict=True)
         },  # noqa: E501
     }
-    matrix = confusion_matrix(truth, pred, 0.5, score_threshold)
+    matrix = confusion_matrix(truth, pred, 0.5, score_threshold, ignore=ignore)
     result["confusion_matrix"] = {"labels": [*map(str, keys), "background"], "matrix": matrix}
     if not quiet:
         print_table({k: v for k, v in result.items() if k != "stats"})

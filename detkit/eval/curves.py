@@ -59,12 +59,15 @@ def confusion_matrix(
     pred: Predictions,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.25,
+    ignore: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[K+1, K+1]`` counts, rows = true class, columns = predicted class, index K = background.
 
     Class-agnostic greedy matching per image (highest score first, best IoU >= threshold);
     matched pairs land on (true, predicted), unmatched detections on the background row,
-    missed ground truth on the background column. Crowd regions absorb detections silently.
+    missed ground truth on the background column. Crowd regions absorb detections silently,
+    and so does ground truth marked in ``ignore [G]`` (VOC's difficult objects), which is
+    never counted as missed either.
     """
     num_cats = len(truth.category_ids)
     keep = pred.scores >= score_threshold
@@ -74,17 +77,19 @@ def confusion_matrix(
     rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
     gt_order = np.argsort(truth.image, kind="stable")
     crowd = truth.crowd[gt_order]
+    absorbs = crowd if ignore is None else crowd | ignore[gt_order]
     pair_det, pair_gt = group_pairs(det_img, truth.image[gt_order])
     iou = coco_pair_iou(pred.boxes[order][pair_det], truth.boxes[gt_order][pair_gt], crowd[pair_gt])
-    matched = greedy_match(pair_det, pair_gt, iou, rank, crowd[None], crowd, [iou_threshold])[0]
+    matched = greedy_match(pair_det, pair_gt, iou, rank, absorbs[None], crowd, [iou_threshold])[0]
     gt_cls, det_cls = truth.category[gt_order], pred.category[order]
     is_match = matched >= 0
-    on_crowd = is_match & crowd[np.maximum(matched, 0)]
-    real = is_match & ~on_crowd
+    absorbed = np.zeros_like(is_match)
+    absorbed[is_match] = absorbs[matched[is_match]]
+    real = is_match & ~absorbed
     size = num_cats + 1
     cells = gt_cls[matched[real]] * size + det_cls[real]
     cells = np.r_[cells, num_cats * size + det_cls[~is_match]]
     found = np.zeros(len(gt_cls), bool)
     found[matched[real]] = True
-    cells = np.r_[cells, gt_cls[~found & ~crowd] * size + num_cats]
+    cells = np.r_[cells, gt_cls[~found & ~absorbs] * size + num_cats]
     return np.bincount(cells, minlength=size * size).reshape(size, size)

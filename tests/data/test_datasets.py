@@ -194,6 +194,31 @@ def test_voc_unknown_class_and_bad_xml(tmp_path):
         VOCDetection(tmp_path, "val")
 
 
+@pytest.mark.parametrize(
+    ("written", "difficult"),
+    [("1", True), ("0", False), ("", False), ("1.0", True), ("0.0", False), ("True", True),
+     ("false", False), (" 1 ", True)],
+)  # fmt: skip
+def test_voc_difficult_flag_spellings(tmp_path, written, difficult):
+    write_voc(tmp_path, [[("dog", (11, 21, 60, 80), False)]])
+    xml = next((tmp_path / "Annotations").iterdir())
+    xml.write_text(
+        xml.read_text().replace("<difficult>0</difficult>", f"<difficult>{written}</difficult>")
+    )
+    assert VOCDetection(tmp_path, "train")[0][1]["difficult"].tolist() == [difficult]
+
+
+def test_voc_bad_difficult_flag_and_a_split_file_with_a_byte_order_mark(tmp_path):
+    write_voc(tmp_path, [[("dog", (11, 21, 60, 80), False)]])
+    split = tmp_path / "ImageSets/Main/train.txt"
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes().replace(b"\n", b"\r\n"))
+    assert len(VOCDetection(tmp_path, "train")) == 1
+    xml = next((tmp_path / "Annotations").iterdir())
+    xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>2</difficult>"))
+    with pytest.raises(ValueError, match=f"{xml.name}: <difficult> is '2', expected 0 or 1"):
+        VOCDetection(tmp_path, "train")
+
+
 def write_yolo(root: Path, names, rows_per_image, split="train", yaml_names=True):
     (root / "images" / split).mkdir(parents=True)
     (root / "labels" / split).mkdir(parents=True)

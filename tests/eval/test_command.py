@@ -73,3 +73,44 @@ def test_run_with_pycocotools_backend_reports_its_numbers(tmp_path, coco_case, r
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "confusion_matrix.png", "f1_curves.png", "metrics.json", "pr_curves.png",
     ]  # fmt: skip
+
+
+def _negatives_only():
+    gt = {"images": [{"id": 1}, {"id": 2}], "categories": [{"id": 1, "name": "cat"}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}]
+    return gt, dets
+
+
+@pytest.mark.parametrize("protocol", ["coco", "voc07", "voc12"])
+def test_ground_truth_without_annotations(tmp_path, protocol, reference_eval):
+    gt, dets = _negatives_only()
+    result = run(gt, dets, protocol=protocol, output_dir=tmp_path, plots=False, quiet=True)
+    if protocol == "coco":
+        assert result["stats"] == list(reference_eval(gt, dets).stats) == [-1.0] * 12
+    assert result["confusion_matrix"]["matrix"].tolist() == [[0, 0], [1, 0]]  # one false alarm
+
+
+@pytest.mark.parametrize("protocol", ["voc07", "voc12"])
+def test_voc_extras_ignore_difficult_objects_like_the_map(tmp_path, protocol):
+    box = {"iscrowd": 0, "area": 100, "category_id": 1, "image_id": 1}
+    gt = {
+        "images": [{"id": 1}],
+        "categories": [{"id": 1, "name": "dog"}],
+        "annotations": [
+            dict(box, id=1, bbox=[0, 0, 10, 10]),
+            dict(box, id=2, bbox=[50, 50, 10, 10], difficult=1),  # found by nothing
+            dict(box, id=3, bbox=[80, 80, 10, 10], difficult=1),  # found: neither TP nor FP
+        ],
+    }
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [80, 80, 10, 10], "score": 0.8},
+    ]
+    result = run(gt, dets, protocol=protocol, output_dir=tmp_path, plots=False, quiet=True)
+    assert result["mAP"] == pytest.approx(1.0)
+    at = result["at_score_threshold"]["per_class"]["dog"]
+    assert (at["precision"], at["recall"]) == (1.0, 1.0)
+    assert result["best_f1"]["dog"]["f1"] == 1.0
+    assert result["confusion_matrix"]["matrix"].tolist() == [[1, 0], [0, 0]]
+    coco = run(gt, dets, protocol="coco", output_dir=tmp_path, plots=False, quiet=True)
+    assert coco["at_score_threshold"]["per_class"]["dog"]["recall"] == pytest.approx(2 / 3)

@@ -42,6 +42,24 @@ def _number(node: ET.Element, tag: str, path: Path) -> float:
         raise ValueError(f"{path}: <{tag}> is not a number: {child.text!r}") from None
 
 
+_FLAG_WORDS = {"": False, "false": False, "no": False, "true": True, "yes": True}
+
+
+def _flag(text: str | None, tag: str, path: Path) -> bool:
+    """A VOC 0/1 flag; also written as 0.0/1.0 or true/false by converters. Anything else is
+    an error naming the file: it would silently move an object in or out of the positives."""
+    word = (text or "").strip().lower()
+    if word in _FLAG_WORDS:
+        return _FLAG_WORDS[word]
+    try:
+        value = float(word)
+    except ValueError:
+        value = None
+    if value not in (0.0, 1.0):
+        raise ValueError(f"{path}: <{tag}> is {text!r}, expected 0 or 1")
+    return value == 1.0
+
+
 def parse_voc_xml(path: Path) -> _VOCAnnotation:
     """Parse one VOC annotation file; problems raise ValueError naming the file.
 
@@ -72,8 +90,8 @@ def parse_voc_xml(path: Path) -> _VOCAnnotation:
         if bnd is None:
             raise ValueError(f"{path}: object '{name}' has no <bndbox>")
         x1, y1, x2, y2 = (_number(bnd, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
-        flag = (obj.findtext("difficult") or "0").strip()
-        objects.append(_VOCObject(name, (x1 - 1, y1 - 1, x2, y2), flag not in ("0", "")))
+        difficult = _flag(obj.findtext("difficult"), "difficult", path)
+        objects.append(_VOCObject(name, (x1 - 1, y1 - 1, x2, y2), difficult))
     return _VOCAnnotation(filename.strip() if filename else None, size, objects)
 
 
@@ -120,7 +138,9 @@ class VOCDetection(DetectionDataset):
         split_file = self.root / "ImageSets" / "Main" / f"{self.split}.txt"
         if not split_file.is_file():
             raise FileNotFoundError(f"VOC split file not found: {split_file}")
-        return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        # utf-8-sig: a byte-order mark (Windows editors) would otherwise start the first id
+        lines = split_file.read_text(encoding="utf-8-sig").splitlines()
+        return [line.split()[0] for line in lines if line.strip()]
 
     def _image_path(self, image_id: str, filename: str | None) -> Path:
         if filename:
