@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,17 @@ def test_voc_bad_difficult_flag_and_a_split_file_with_a_byte_order_mark(tmp_path
     xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>2</difficult>"))
     with pytest.raises(ValueError, match=f"{xml.name}: <difficult> is '2', expected 0 or 1"):
         VOCDetection(tmp_path, "train")
+
+
+def test_voc_missing_image_without_size_is_named_without_a_box_warning(tmp_path):
+    write_voc(tmp_path, [[("dog", (11, 21, 60, 80), False)]])
+    xml = next((tmp_path / "Annotations").iterdir())
+    xml.write_text(re.sub(r"<size>.*</size>", "", xml.read_text()))
+    next((tmp_path / "JPEGImages").iterdir()).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "dropped 1 box" for a box of an unknown image
+        with pytest.raises(FileNotFoundError, match="image file not found"):
+            VOCDetection(tmp_path, "train")
 
 
 def write_yolo(root: Path, names, rows_per_image, split="train", yaml_names=True):

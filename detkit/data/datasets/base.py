@@ -102,10 +102,16 @@ class DetectionDataset(Dataset):
         n = len(labels)
         iscrowd = np.zeros(n, bool) if iscrowd is None else np.asarray(iscrowd, bool)
         difficult = np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool)
-        clipped, info = sanitize_boxes(boxes, width, height)
-        self._box_counts["clipped"] += info["clipped"]
-        self._box_counts["dropped"] += info["dropped"]
-        keep = info["keep"]
+        if width <= 0 or height <= 0:
+            # Size unknown: the image is missing or unreadable, and _set_records refuses or
+            # skips the record. Clipping to a 0 x 0 image would count its boxes as dropped.
+            clipped = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            keep = np.ones(len(clipped), bool)
+        else:
+            clipped, info = sanitize_boxes(boxes, width, height)
+            self._box_counts["clipped"] += info["clipped"]
+            self._box_counts["dropped"] += info["dropped"]
+            keep = info["keep"]
         return ImageRecord(
             image_id=int(image_id),
             path=Path(path),
