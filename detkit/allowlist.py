@@ -206,3 +206,89 @@ def refuse_interpolations(node, source: str, where: str = "", why: str = STORED_
     elif isinstance(node, list | tuple):
         for i, value in enumerate(node):
             refuse_interpolations(value, source, f"{where}[{i}]", why)
+
+
+# ----- the ``hydra:`` node ------------------------------------------------------------------
+# Hydra applies its own node before the command runs: it instantiates ``hydra.callbacks``
+# (and, with --multirun, the launcher and sweeper), sets ``hydra.job.env_set`` and hands
+# ``hydra.job_logging``/``hydra_logging`` to ``logging.config.dictConfig``, whose ``()`` and
+# ``class`` entries are calls too. A user's YAML file can hold any of them, so they are checked
+# before Hydra starts (``detkit.cli``).
+HYDRA_PLUGINS = frozenset(
+    [
+        "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+        "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    ]
+)
+LOGGING_CLASSES = frozenset(
+    [
+        "logging.StreamHandler",
+        "logging.FileHandler",
+        "logging.NullHandler",
+        "logging.Formatter",
+        "logging.Filter",
+        "logging.handlers.RotatingFileHandler",
+        "logging.handlers.TimedRotatingFileHandler",
+        "logging.handlers.WatchedFileHandler",
+    ]
+)
+LOGGING_EXTERNALS = frozenset(["ext://sys.stdout", "ext://sys.stderr"])
+# Variables a config may set for the run: threads, devices and the process group's address.
+# Others (PYTHONPATH, LD_PRELOAD, PATH, CC, DETKIT_ALLOWED_TARGETS, plugin paths ...) decide
+# what code runs, in this process or in the DDP processes it starts: the environment's own.
+ENV_SET_ALLOWED = frozenset(
+    [
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "GLOO_SOCKET_IFNAME",
+        "NCCL_SOCKET_IFNAME",
+        "NCCL_DEBUG",
+        "TORCH_DISTRIBUTED_DEBUG",
+        "PYTORCH_CUDA_ALLOC_CONF",
+    ]
+)
+
+
+def _check_logging(node, source: str, where: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}"
+            if key == "()":
+                raise RefusedTarget(f"{source}: refused the factory {value!r} at {here}")
+            if key == "class" and value not in LOGGING_CLASSES:
+                raise RefusedTarget(
+                    f"{source}: refused the logging class {value!r} at {here}: use one of "
+                    f"{sorted(LOGGING_CLASSES)}"
+                )
+            _check_logging(value, source, here)
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _check_logging(value, source, f"{where}[{i}]")
+    elif isinstance(node, str) and node.startswith("ext://") and node not in LOGGING_EXTERNALS:
+        raise RefusedTarget(f"{source}: refused the external object {node!r} at {where}")
+
+
+def check_hydra_node(node: dict, source: str) -> None:
+    """Refuse what the composed ``hydra:`` node (a plain dict, unresolved) would run besides
+    Hydra's own plugins: callbacks outside the allow-list, other launchers or sweepers,
+    logging factories and classes outside :data:`LOGGING_CLASSES`, and ``env_set``
+    variables outside :data:`ENV_SET_ALLOWED`."""
+    checked(node.get("callbacks") or {}, source, "hydra.callbacks")
+    for plugin in ("launcher", "sweeper"):
+        settings = node.get(plugin) or {}
+        if settings.get("_target_") not in HYDRA_PLUGINS:
+            checked(settings, source, f"hydra.{plugin}")
+    for name in ("job_logging", "hydra_logging"):
+        _check_logging(node.get(name) or {}, source, f"hydra.{name}")
+    env_set = (node.get("job") or {}).get("env_set") or {}
+    refused = sorted(set(env_set) - ENV_SET_ALLOWED)
+    if refused:
+        raise RefusedTarget(
+            f"{source}: refused hydra.job.env_set of {refused}: a config may set only "
+            f"{sorted(ENV_SET_ALLOWED)}; set others in the environment before running detkit"
+        )

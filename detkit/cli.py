@@ -72,13 +72,65 @@ def run_hydra_app(
                 raise
             _fail(f"error: {err}", code=1)
 
+    hydra_argv = with_search_path(overrides)
+    check_hydra_settings(config_name, hydra_argv)
     # Hydra parses sys.argv; hand it the overrides as if they were the whole command line.
     saved = sys.argv
-    sys.argv = [f"detkit {config_name}", *with_search_path(overrides)]
+    sys.argv = [f"detkit {config_name}", *hydra_argv]
     try:
         app()
     finally:
         sys.argv = saved
+
+
+def check_hydra_settings(config_name: str, hydra_argv: list[str]) -> None:
+    """Compose the config as the Hydra app will, and refuse in one line what its ``hydra:``
+    node would run before the command starts (:func:`detkit.allowlist.check_hydra_node`):
+    Hydra applies that node itself, before any of detkit's checks of the task's config. A
+    config that does not compose (a YAML error, an unknown override) gets one line too."""
+    import yaml
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from detkit.allowlist import check_hydra_node
+
+    try:
+        args = get_args_parser().parse_args(hydra_argv)
+    except SystemExit:  # argparse has printed its usage line; Hydra will again
+        return
+    if args.help or args.hydra_help or args.shell_completion:
+        return  # these print the config and exit: nothing in it runs
+    # The search path hydra.main builds: the packaged configs, then --config-dir's.
+    search_path = create_automatic_config_search_path(__file__, None, str(CONFIG_DIR))
+    if args.config_dir is not None:
+        config_dir = os.path.abspath(args.config_dir)
+        if not os.path.isdir(config_dir):
+            _fail(f"error: --config-dir {config_dir} is not a directory", code=1)
+        search_path.prepend(
+            provider="command-line",
+            path=f"file://{config_dir}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
+    mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
+    GlobalHydra.instance().clear()
+    try:
+        hydra = Hydra.create_main_hydra2(task_name="detkit", config_search_path=search_path)
+        cfg = hydra.compose_config(config_name, list(args.overrides), run_mode=mode)
+        check_hydra_node(OmegaConf.to_container(cfg.hydra), "the hydra: settings")
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        if os.environ.get("DETKIT_DEBUG"):
+            raise
+        _fail(f"error: {' '.join(str(err).split())}", code=1)
+    except UserError as err:
+        _fail(f"error: {err}", code=1)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def with_search_path(args: list[str]) -> list[str]:

@@ -37,3 +37,60 @@ def test_eval_of_missing_checkpoint_names_the_file(capsys, tmp_path):
 def test_every_command_composes_its_config(command, capsys):
     assert cli.main([command, "--cfg", "job"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+_HYDRA_NODES = {
+    "callback": "hydra:\n  callbacks:\n    x:\n      _target_: shutil.copyfile\n"
+    "      src: {src}\n      dst: {marker}\n",
+    "env_set": "hydra:\n  job:\n    env_set:\n      DETKIT_ALLOWED_TARGETS: 'shutil.*'\n",
+    "env_set_preload": "hydra:\n  job:\n    env_set:\n      LD_PRELOAD: /tmp/x.so\n",
+    "logging_factory": "hydra:\n  job_logging:\n    handlers:\n      console:\n"
+    "        '()': shutil.copyfile\n        src: {src}\n        dst: {marker}\n",
+    "logging_class": "hydra:\n  hydra_logging:\n    handlers:\n      console:\n"
+    "        class: shutil.copyfile\n",
+    "logging_external": "hydra:\n  job_logging:\n    handlers:\n      console:\n"
+    "        stream: ext://os.system\n",
+    "launcher": "hydra:\n  launcher:\n    _target_: shutil.copyfile\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HYDRA_NODES))
+def test_hydra_settings_that_run_code_are_refused_before_hydra_applies_them(
+    name, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    marker, src = tmp_path / "RAN", tmp_path / "src.txt"
+    src.write_text("x")
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    text = "# @package _global_\n" + _HYDRA_NODES[name].format(src=src, marker=marker)
+    (tmp_path / "mine" / "experiment" / "evil.yaml").write_text(text)
+    args = ["train", "--config-dir", str(tmp_path / "mine"), "experiment=evil"]
+    assert cli.main([*args, f"hydra.run.dir={tmp_path}/run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("detkit: error: the hydra: settings: refused") and err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_hydra_settings_a_config_may_use(tmp_path, capsys):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "threads.yaml").write_text(
+        "# @package _global_\nhydra:\n  job:\n    env_set:\n      OMP_NUM_THREADS: '1'\n"
+    )
+    args = ["train", "--config-dir", str(tmp_path), "experiment=threads", "--cfg", "hydra"]
+    assert cli.main(args) == 0
+    assert "OMP_NUM_THREADS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x: !!python/object:os.system 'true'\n", "could not determine a constructor"),
+        ("x: [1, 2\n", "while parsing a flow sequence"),
+    ],
+)
+def test_yaml_errors_are_one_line(text, message, tmp_path, capsys):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "bad.yaml").write_text("# @package _global_\n" + text)
+    assert cli.main(["train", "--config-dir", str(tmp_path), "experiment=bad"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "bad.yaml" in err and err.count("\n") == 1
