@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from detkit.engine.checkpoint import load_detector
+from detkit.engine.checkpoint import load_detector, require_sections
 from detkit.engine.module import to_original_pixels
 from detkit.models.fuse import fuse_conv_bn as fuse
 from detkit.structures import target_sizes, unpad_detections, xyxy_to_xywh
@@ -33,6 +33,7 @@ def load_inference_model(path: str | Path, fuse_conv_bn: bool = False) -> tuple[
 
         return load_onnx_detector(path)
     model, config = load_detector(path)
+    require_sections(config, f"checkpoint {path}", "transforms", "data")
     if fuse_conv_bn:
         fuse(model)
     if config.get("channels_last", False):

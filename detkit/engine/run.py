@@ -22,7 +22,7 @@ from detkit.allowlist import checked
 from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
 from detkit.data.splits import build_split
 from detkit.engine.callbacks import InterruptCheckpoint, ResumeState
-from detkit.engine.checkpoint import check_resume_checkpoint
+from detkit.engine.checkpoint import check_resume_checkpoint, check_resume_fits
 from detkit.engine.checkpoint_io import AtomicCheckpointIO
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, load_inference_model, run_detector
@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
         channels_last=bool(cfg.get("channels_last", False)),
     )
+    check_resume_fits(cfg.get("ckpt_path"), module)
     callbacks = [safe_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(ResumeState())
     interrupt = interrupt_checkpoint(cfg, output_dir)

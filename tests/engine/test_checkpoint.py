@@ -206,7 +206,8 @@ def test_train_refuses_a_pickle_bomb_as_ckpt_path(tmp_path, capsys, monkeypatch,
     assert code == 1
     assert err.strip().splitlines() == [
         f"detkit: error: checkpoint {bomb} holds objects outside torch's safe types (posix.system)"
-        ", so it was not written by `detkit train`; resuming loads with weights_only=True only "
+        ", so it was not written by `detkit train`; detkit loads checkpoints with "
+        "weights_only=True only "
         "(load it yourself with weights_only=False only if you trust where it came from)"
     ]
     assert not marker.exists()
@@ -237,3 +238,83 @@ def test_our_own_checkpoints_resume_with_weights_only(tmp_path, capsys):
     assert cli.main(["train", *common, *args]) == 0
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["steps"] == 4  # 2 batches x 2 epochs, counted across the resume
+
+
+def _set_everywhere(node, key, value):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                node[k] = value
+            else:
+                _set_everywhere(v, key, value)
+
+
+def _edited(path, edit):
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["detkit_config"].pop("model"), "its config has no model section"),
+        (lambda c: c["detkit_config"].pop("transforms"), "has no transforms section"),
+        (lambda c: c["detkit_config"].pop("data"), "has no data section"),
+        (lambda c: c.pop("state_dict"), "has no state_dict"),
+        (
+            lambda c: _set_everywhere(c["detkit_config"]["model"], "num_classes", 12),
+            r"does not fit its own model config: head\.\S+ is torch.Size\(\[\d+(, \d+)*\]\), "
+            r"the config builds torch.Size",
+        ),
+    ],
+)
+def test_incomplete_checkpoints_are_one_line(write_checkpoint, edit, message):
+    path = _edited(write_checkpoint("edited.ckpt"), edit)
+    from detkit.engine.inference import load_inference_model
+
+    with pytest.raises(UserError, match=message) as caught:
+        load_inference_model(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_unreadable_checkpoint_files_are_one_line(tmp_path):
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty.ckpt could not be read: the file is empty"):
+        load_detector(empty)
+    folder = tmp_path / "folder.ckpt"
+    folder.mkdir()
+    for check in (load_detector, check_resume_checkpoint):
+        with pytest.raises(UserError, match="folder.ckpt is a directory, not a checkpoint file"):
+            check(folder)
+
+
+def test_resume_refuses_checkpoints_not_written_by_detkit_train(write_checkpoint, tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(2)}, weights)
+    foreign = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.5.0", "epoch": 1}, foreign)
+    for path in (weights, foreign, write_checkpoint("no_lightning.ckpt")):
+        with pytest.raises(UserError, match="was not written by `detkit train`"):
+            check_resume_checkpoint(path)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(write_checkpoint, tmp_path):
+    from detkit.config import compose_config, safe_instantiate
+    from detkit.engine.checkpoint import check_resume_fits
+
+    path = _edited(
+        write_checkpoint("ssd.ckpt"), lambda c: c.update({"pytorch-lightning_version": "2.5.0"})
+    )
+    check_resume_checkpoint(path)
+    yolo = torch.nn.Module()
+    yolo.model = safe_instantiate(compose_config("train", ["experiment=digits_yolo"]).model)
+    with pytest.raises(
+        UserError, match=r"does not fit this run's model \(\d+ missing, \d+ unexpec"
+    ):
+        check_resume_fits(path, yolo)
+    ssd = torch.nn.Module()
+    ssd.model = safe_instantiate(compose_config("train", ["experiment=digits_ssd"]).model)
+    check_resume_fits(path, ssd)  # its own model fits
