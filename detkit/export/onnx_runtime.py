@@ -46,7 +46,43 @@ def read_sidecar(onnx_path: str | Path) -> dict:
     if not isinstance(info, dict) or not str(info.get("format", "")).startswith("detkit-onnx/"):
         raise UserError(f"sidecar {sidecar} was not written by detkit export (no format tag)")
     config_from_file(info, f"sidecar {sidecar}")
+    _check_sidecar_fields(info, f"sidecar {sidecar}")
     return info
+
+
+def _check_sidecar_fields(info: dict, source: str) -> None:
+    """The fields inference reads, with the types ``detkit export`` writes; one line naming
+    the field otherwise (an edited sidecar must not fail deep inside, or silently)."""
+
+    def fail(field: str, expected: str) -> None:
+        raise UserError(f"{source}: {field} must be {expected}")
+
+    names = info.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        fail("class_names", "a non-empty list of strings")
+    if info.get("num_classes", len(names)) != len(names):
+        fail("num_classes", f"the number of class_names ({len(names)})")
+    data_names = (info.get("data") or {}).get("class_names")
+    if data_names is not None and list(data_names) != names:
+        fail("data.class_names", "absent or the same as class_names")
+    size = (info.get("input") or {}).get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
+        fail("input.image_size", "[height, width] in pixels")
+    for flag in ("nms", "dynamic_batch"):
+        if not isinstance(info.get(flag), bool):
+            fail(flag, "true or false")
+    post = info.get("postprocess")
+    if not isinstance(post, dict):
+        fail("postprocess", "a mapping")
+    for key in ("score_threshold", "iou_threshold"):
+        if not isinstance(post.get(key), int | float) or isinstance(post.get(key), bool):
+            fail(f"postprocess.{key}", "a number")
+    if not _positive_int(post.get("max_detections")):
+        fail("postprocess.max_detections", "a positive integer")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class OnnxDetector:
@@ -63,9 +99,27 @@ class OnnxDetector:
         self.image_size = tuple(self.info["input"]["image_size"])
         self.class_names = list(self.info["class_names"])
         self.num_classes = len(self.class_names)
-        self.session = ort.InferenceSession(
-            str(path), providers=providers or ["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime's own types: invalid protobuf, bad graph ...
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"ONNX model {path} cannot be loaded: {reason}") from None
+        self._check_graph_classes()
+
+    def _check_graph_classes(self) -> None:
+        """A graph without NMS gives its class count in the scores' shape: it must be the
+        sidecar's (with NMS the labels are checked as they come, in predict_padded)."""
+        if self.info["nms"]:
+            return
+        outputs = self.session.get_outputs()
+        classes = outputs[1].shape[-1] if len(outputs) > 1 and outputs[1].shape else None
+        if isinstance(classes, int) and classes != self.num_classes:
+            raise UserError(
+                f"ONNX model {self.path} scores {classes} classes but its sidecar names "
+                f"{self.num_classes}"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +146,11 @@ class OnnxDetector:
             outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
         tensors = [torch.from_numpy(o) for o in outputs]
         boxes, scores, labels, num = tensors if self.info["nms"] else self.run_nms(*tensors)
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise UserError(
+                f"ONNX model {self.path} gave class {int(labels.max())} but its sidecar names "
+                f"{self.num_classes} classes"
+            )
         boxes = boxes / scale
         if image_sizes is not None:
             boxes = clip_boxes(boxes, image_sizes.cpu())

@@ -280,3 +280,50 @@ def test_an_image_larger_than_the_graph_maps_back_per_axis(genuine):
     factors = torch.tensor([517 / 256, 301 / 149, 517 / 256, 301 / 149])
     torch.testing.assert_close(got["boxes"], want["boxes"] * factors, rtol=0, atol=1e-3)
     torch.testing.assert_close(got["scores"], want["scores"])
+
+
+def _edited_copy(genuine, tmp_path, edit):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    onnx_path = shutil.copy(genuine, folder / "model.onnx")
+    info = json.loads(genuine.with_suffix(".json").read_text())
+    edit(info)
+    (folder / "model.json").write_text(json.dumps(info))
+    return onnx_path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda i: i.update(class_names=["a", "b", "c"]), "num_classes must be the number of"),
+        (lambda i: i.update(class_names="abc"), "class_names must be a non-empty list of str"),
+        (lambda i: i.update(data={"class_names": ["a"]}), "data.class_names must be absent or"),
+        (lambda i: i.pop("input"), r"input.image_size must be \[height, width\]"),
+        (lambda i: i["input"].update(image_size="256"), r"input.image_size must be \[height"),
+        (lambda i: i.update(nms="yes"), "nms must be true or false"),
+        (lambda i: i["postprocess"].pop("max_detections"), "max_detections must be a positive"),
+    ],
+)
+def test_an_edited_sidecar_is_one_line_naming_the_field(genuine, tmp_path, edit, message):
+    onnx_path = _edited_copy(genuine, tmp_path, edit)
+    with pytest.raises(UserError, match=message) as caught:
+        OnnxDetector(onnx_path)
+    assert str(caught.value).startswith(f"sidecar {onnx_path.with_suffix('.json')}: ")
+
+
+def test_a_graph_that_names_more_classes_than_its_sidecar_is_refused(genuine, tmp_path):
+    def fewer(info):
+        info.update(class_names=["a", "b"], num_classes=2)
+
+    detector = OnnxDetector(_edited_copy(genuine, tmp_path, fewer))
+    detector.info["postprocess"]["score_threshold"] = 0.0
+    images = torch.rand(1, 3, 256, 256)
+    with pytest.raises(UserError, match=r"gave class \d+ but its sidecar names 2 classes"):
+        detector.predict_padded(images)
+
+
+def test_a_file_that_is_not_onnx_is_one_line(genuine, tmp_path):
+    onnx_path = _edited_copy(genuine, tmp_path, lambda info: None)
+    onnx_path.write_bytes(b"not a protobuf")
+    with pytest.raises(UserError, match=f"ONNX model {onnx_path} cannot be loaded: "):
+        OnnxDetector(onnx_path)
