@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
         channels_last=bool(cfg.get("channels_last", False)),
     )
+    check_class_count(module.model, datamodule)
     check_resume_fits(cfg.get("ckpt_path"), module)
     callbacks = [safe_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(ResumeState())
@@ -99,6 +100,19 @@ def set_threads(threads: int | None) -> None:
     if int(threads) < 1:
         raise UserError(f"torch_threads must be a positive number or null, got {threads}")
     torch.set_num_threads(int(threads))
+
+
+def check_class_count(model, datamodule) -> None:
+    """Refuse, before the first step, a model whose number of classes is not the training
+    data's: fewer would train on labels it has no output for, more on outputs never
+    labelled, and the mismatch surfaced only at the first validation."""
+    names = datamodule.class_names
+    if int(model.num_classes) != len(names):
+        shown = ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+        raise UserError(
+            f"the model predicts {int(model.num_classes)} classes (data.num_classes) but the "
+            f"training data has {len(names)} ({shown}): set data.num_classes={len(names)}"
+        )
 
 
 def check_train_inputs(cfg: DictConfig) -> None:

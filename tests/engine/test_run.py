@@ -379,3 +379,26 @@ def test_torch_threads_sets_the_training_threads_and_refuses_nonsense():
         torch.set_num_threads(before)
     with pytest.raises(UserError, match="torch_threads"):
         set_threads(0)
+
+
+def test_train_refuses_a_class_count_that_is_not_the_datas_before_any_step(
+    trained, tmp_path, capsys
+):
+    args = [
+        "train",
+        "experiment=digits_ssd",
+        "data=coco",  # the digits set's COCO files: 10 categories, but COCO's default of 80
+        f"data.train_images={trained / 'digits' / 'train'}",
+        f"data.train_ann={trained / 'digits' / 'train.json'}",
+        f"data.val_images={trained / 'digits' / 'val'}",
+        f"data.val_ann={trained / 'digits' / 'val.json'}",
+        "data.datamodule.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "detkit: error: the model predicts 80 classes (data.num_classes) but the training data "
+        "has 10 (0, 1, 2, 3, 4, 5, 6, 7, ...): set data.num_classes=10"
+    ]
+    assert not (tmp_path / "run" / "checkpoints").exists()
