@@ -273,3 +273,121 @@ def test_yolo_bad_labels(tmp_path):
     (tmp_path / "data.yaml").write_text("names: [a\n")
     with pytest.raises(ValueError, match="data.yaml: malformed YAML"):
         YOLODetection(tmp_path, "train")
+
+
+def yolo_yaml(root: Path, text: str) -> Path:
+    (root / "data.yaml").write_text(text + "\nnames: [a, b]\n")
+    return root / "data.yaml"
+
+
+@pytest.mark.parametrize(
+    "path_line", ["", "path: null\n", "path: .\n"], ids=["no-path", "null-path", "dot-path"]
+)
+def test_yolo_yaml_without_path_uses_its_folder_from_a_relative_root(
+    tmp_path, monkeypatch, path_line
+):
+    write_yolo(tmp_path / "ds", ["a", "b"], [[(1, 0.5, 0.5, 0.2, 0.4)]], yaml_names=False)
+    yolo_yaml(tmp_path / "ds", path_line + "train: images/train")
+    monkeypatch.chdir(tmp_path)
+    for root in ("ds", "ds/data.yaml"):
+        ds = YOLODetection(root, "train")
+        np.testing.assert_allclose(ds.records[0].boxes, [[80.0, 30.0, 120.0, 70.0]], rtol=1e-6)
+
+
+def test_yolo_relative_yaml_path_is_relative_to_the_yaml(tmp_path, monkeypatch):
+    write_yolo(tmp_path / "ds", ["a"], [[(0, 0.5, 0.5, 0.2, 0.4)]], yaml_names=False)
+    (tmp_path / "cfg").mkdir()
+    yolo_yaml(tmp_path / "cfg", "path: ../ds\ntrain: images/train")
+    monkeypatch.chdir(tmp_path / "ds")  # the working directory plays no part
+    assert len(YOLODetection(tmp_path / "cfg/data.yaml", "train")) == 1
+
+
+def test_yolo_roboflow_parent_paths_are_retried_in_the_yaml_folder(tmp_path):
+    for split, cls in (("train", 0), ("valid", 1)):
+        write_yolo(
+            tmp_path / split, ["a", "b"], [[(cls, 0.5, 0.5, 0.2, 0.4)]], split=".", yaml_names=False
+        )
+    yolo_yaml(tmp_path, "train: ../train/images\nval: ../valid/images\ntest: ../test/images")
+    for split, cls in (("train", 0), ("val", 1)):
+        ds = YOLODetection(tmp_path / "data.yaml", split)
+        assert ds.records[0].labels.tolist() == [cls]
+        np.testing.assert_allclose(ds.records[0].boxes, [[80.0, 30.0, 120.0, 70.0]], rtol=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"not found: .*test/images"):
+        YOLODetection(tmp_path / "data.yaml", "test")
+
+
+def test_yolo_image_list_splits(tmp_path):
+    write_yolo(tmp_path, ["a", "b"], [[(0, 0.5, 0.5, 0.2, 0.4)], [(1, 0.1, 0.1, 0.1, 0.1)]])
+    write_yolo(tmp_path, ["a", "b"], [[(1, 0.5, 0.5, 0.2, 0.4)]], split="extra", yaml_names=False)
+    (tmp_path / "lists").mkdir()
+    # './' is relative to the list's folder, other relative paths to the dataset root
+    (tmp_path / "lists/train.txt").write_text("./../images/train/1.jpg\nimages/extra/0.jpg\n\n")
+    yolo_yaml(tmp_path, "train: lists/train.txt\nval: [images/train, lists/train.txt]")
+    ds = YOLODetection(tmp_path / "data.yaml", "train")
+    assert [r.file_name for r in ds.records] == [
+        "lists/../images/train/1.jpg",
+        "images/extra/0.jpg",
+    ]
+    assert [r.labels.tolist() for r in ds.records] == [[1], [1]]
+    np.testing.assert_allclose(ds.records[1].boxes, [[80.0, 30.0, 120.0, 70.0]], rtol=1e-6)
+    ds = YOLODetection(tmp_path / "data.yaml", "val")
+    assert [r.labels.tolist() for r in ds.records] == [[0], [1], [1], [1]]
+    assert ds.records[0].file_name == "images/train/0.jpg"
+    (tmp_path / "lists/train.txt").write_text("images/extra/0.jpg\nimages/extra/0.txt\n")
+    with pytest.raises(ValueError, match=r"train\.txt:2: 'images/extra/0\.txt' is not an image"):
+        YOLODetection(tmp_path / "data.yaml", "train")
+    (tmp_path / "lists/train.txt").write_text("images/extra/0.jpg\nimages/extra/9.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*9\.jpg \(1 of 2"):
+        YOLODetection(tmp_path / "data.yaml", "train")
+    (tmp_path / "lists/train.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"image list not found: .*lists/train\.txt"):
+        YOLODetection(tmp_path / "data.yaml", "train")
+
+
+def test_yolo_polygon_labels_become_their_boxes_and_are_counted(tmp_path):
+    polygon = (1, 0.1, 0.1, 0.5, 0.1, 0.5, 0.6, 0.1, 0.6)
+    write_yolo(tmp_path, ["a", "b"], [[polygon, (0, 0.5, 0.5, 0.2, 0.4)], [polygon[:7]]])
+    with pytest.warns(UserWarning, match=r"train: converted 2 polygon label\(s\) to their box$"):
+        ds = YOLODetection(tmp_path, "train")
+    np.testing.assert_allclose(
+        ds.records[0].boxes, [[20.0, 10.0, 100.0, 60.0], [80.0, 30.0, 120.0, 70.0]], rtol=1e-5
+    )
+    np.testing.assert_allclose(ds.records[1].boxes, [[20.0, 10.0, 100.0, 60.0]], rtol=1e-5)
+    assert [r.labels.tolist() for r in ds.records] == [[1, 0], [1]]
+    (tmp_path / "labels/train/1.txt").write_text(
+        "0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.5 0.1 0.5 0.6 0.1\n"
+    )
+    with pytest.raises(ValueError, match=r"1\.txt:2: expected 5 values .* or a polygon .*, got 8"):
+        YOLODetection(tmp_path, "train")
+
+
+@pytest.mark.parametrize("cls", ["nan", "inf", "-inf", "1e999"])
+def test_yolo_non_finite_class_id_names_the_line(tmp_path, cls):
+    write_yolo(tmp_path, ["a"], [[(0, 0.5, 0.5, 0.2, 0.2), (cls, 0.5, 0.5, 0.1, 0.1)]])
+    with pytest.raises(ValueError, match=rf"0\.txt:2: unknown class id {cls}; known"):
+        YOLODetection(tmp_path, "train")
+
+
+def test_yolo_label_file_not_utf8_is_named(tmp_path):
+    write_yolo(tmp_path, ["a"], [[(0, 0.5, 0.5, 0.2, 0.2)]])
+    (tmp_path / "labels/train/0.txt").write_bytes("0 0.5 0.5 0.1 0.1 # café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"labels/train/0\.txt: not UTF-8 text \(byte 23"):
+        YOLODetection(tmp_path, "train")
+
+
+def test_yolo_orphan_label_files_and_duplicate_rows_are_counted(tmp_path):
+    row, other = (0, 0.5, 0.5, 0.2, 0.4), (1, 0.1, 0.1, 0.1, 0.1)
+    write_yolo(tmp_path, ["a", "b"], [[row, other, row, row], [other, other], [row], [row]])
+    for name in ("2.jpg", "3.jpg"):
+        (tmp_path / "images/train" / name).unlink()  # their label files are left behind
+    (tmp_path / "labels/train/classes.txt").write_text("a\nb\n")  # a class list, no label file
+    with pytest.warns(UserWarning) as caught:
+        ds = YOLODetection(tmp_path, "train")
+    assert [str(w.message) for w in caught] == [
+        f"YOLO {tmp_path}/images/train: dropped 3 duplicate label row(s); "
+        f"2 label file(s) have no image, e.g. {tmp_path}/labels/train/2.txt"
+    ]
+    assert [r.labels.tolist() for r in ds.records] == [[0, 1], [1]]
+    np.testing.assert_allclose(
+        ds.records[0].boxes, [[80.0, 30.0, 120.0, 70.0], [10.0, 5.0, 30.0, 15.0]], rtol=1e-6
+    )
