@@ -96,6 +96,10 @@ def safe_instantiate(node, source: str | None = None, **kwargs):
             cause = cause.__cause__
         if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
+        if isinstance(cause, TypeError):
+            # a config's wrong key or value type (an unexpected argument, a string for a
+            # number): Hydra's message names the target and the key, on one line here
+            raise UserError(f"{source}: {' '.join(str(err).split())}") from None
         raise
 
 

@@ -120,3 +120,17 @@ def test_train_refuses_a_users_yaml_naming_builtins_before_building_anything(
     ]
     assert not marker.exists()
     assert not digits.exists()  # refused before the dataset was built
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+model.head.foo=3", r"SSDHead.*unexpected keyword argument 'foo'.*full_key: head"),
+        ("model.num_classes=ten", r"SSDHead.*TypeError.*full_key: head"),
+    ],
+)
+def test_a_wrong_key_or_type_is_one_line_naming_the_target_and_key(override, message):
+    cfg = compose_config("train", ["experiment=digits_ssd", override])
+    with pytest.raises(UserError, match=message) as caught:
+        safe_instantiate(cfg.model)
+    assert "\n" not in str(caught.value)
