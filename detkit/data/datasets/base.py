@@ -18,7 +18,8 @@ from detkit.data.boxes import sanitize_boxes, xyxy_to_xywh
 
 @dataclass
 class ImageRecord:
-    """One image's annotations, boxes in ``xyxy`` pixels of the file on disk (sanitised)."""
+    """One image's annotations, boxes in ``xyxy`` pixels of the file as shown upright (EXIF
+    orientation applied, see :func:`load_rgb`), sanitised."""
 
     image_id: int
     path: Path
@@ -29,26 +30,97 @@ class ImageRecord:
     labels: np.ndarray  # [N] int64, 0..C-1
     iscrowd: np.ndarray  # [N] bool
     difficult: np.ndarray  # [N] bool
+    # where width/height came from, named when the decoded file disagrees ("" = the records)
+    size_source: str = ""
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# 16-bit modes (PNG, TIFF); PIL's convert("RGB") clips their values at 255 (white images)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (0x0112, or XMP's tiff:Orientation), 1 when absent.
+
+    Read from the metadata before the pixel data only: PNG's own ``getexif()`` decodes the
+    whole file to look for an eXIf chunk after the pixels, which a header read must not do,
+    and the header size and the decoded image must agree on the orientation.
+    """
+    orientation = Image.Image.getexif(img).get(0x0112, 1)
+    return orientation if orientation in _ORIENTATION_TRANSPOSE else 1
+
+
+def _too_large(path: Path, err: Image.DecompressionBombError) -> ValueError:
+    # PIL's message gives the declared pixel count and the limit it refuses above
+    return ValueError(
+        f"cannot read image {path}: {str(err).rstrip('.')} (PIL refuses images above twice "
+        "PIL.Image.MAX_IMAGE_PIXELS; raise that if the file is genuine)"
+    )
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the file header only; errors name the file."""
+    """``(width, height)`` as shown upright, from the file header only (no pixel decoding).
+
+    The EXIF orientation is applied as :func:`load_rgb` applies it: orientations 5-8 (a
+    rotation by 90 degrees) swap the stored width and height, since viewers, annotation
+    tools and :func:`load_rgb` show the rotated image. Errors (missing, unreadable or
+    decompression-bomb sized files) raise one line naming the file.
+    """
     try:
         with Image.open(path) as img:
-            return img.size
+            width, height = img.size
+            return (height, width) if _orientation(img) >= 5 else (width, height)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit pixels are scaled (value >> 8), not clipped at 255."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        # PIL opens 16-bit PNGs as I;16 or I: mode I is taken as 0..65535 like them
+        values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray((values >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        # float pixels have no agreed range (0..1, 0..255, depths in metres)
+        raise ValueError(
+            "32-bit float pixels (PIL mode F) have no standard 0-255 scale; "
+            "save the image as 8- or 16-bit"
+        )
+    return img.convert("RGB")
+
+
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file as ``uint8 [H, W, 3]`` RGB; errors name the file."""
+    """Decode an image file as ``uint8 [H, W, 3]`` RGB, shown upright; errors name the file.
+
+    The EXIF orientation is applied (as ``PIL.ImageOps.exif_transpose`` does): a file
+    stored 200x100 with orientation 6 gives a 100x200 image, the view that viewers and
+    annotation tools show and that :func:`read_image_size` reports. 16-bit images are
+    scaled to 8 bits (``value >> 8``); 32-bit float images are refused.
+    """
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            orientation = _orientation(img)
+            rgb = _to_rgb(img)
+            if orientation != 1:
+                rgb = rgb.transpose(_ORIENTATION_TRANSPOSE[orientation])
+            return np.asarray(rgb)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"cannot decode image {path}: {err}") from None
 
@@ -59,8 +131,8 @@ class DetectionDataset(Dataset):
 
     Items are ``(image float32 [3, H, W] in [0, 1], target)`` with ``target`` holding
     ``boxes`` (xyxy pixels of the returned image), ``labels``, ``image_id``, ``orig_size``
-    (h, w of the file), ``size`` (h, w of the returned image before batch padding) and the
-    ``iscrowd``/``difficult`` flags.
+    (h, w of the file shown upright), ``size`` (h, w of the returned image before batch
+    padding) and the ``iscrowd``/``difficult`` flags.
     """
 
     class_names: list[str]
@@ -82,6 +154,8 @@ class DetectionDataset(Dataset):
         self.records: list[ImageRecord] = []
         self._box_counts = {"clipped": 0, "dropped": 0}
         self._bad_images: set[str] = set()
+        # (file name the annotation gave, file used instead), reported by _set_records
+        self._image_fallbacks: list[tuple[str, Path]] = []
         self._rng = np.random.default_rng()
 
     # ----- building -------------------------------------------------------------------
@@ -95,8 +169,12 @@ class DetectionDataset(Dataset):
         labels: np.ndarray,
         iscrowd: np.ndarray | None = None,
         difficult: np.ndarray | None = None,
+        size_source: str = "",
     ) -> ImageRecord:
-        """Clip boxes to the image, drop empty ones (counted for one warning later)."""
+        """Clip boxes to the image, drop empty ones (counted for one warning later).
+
+        ``size_source`` says where ``size`` came from (e.g. the annotation file) for the
+        error raised when the decoded image turns out to have another size."""
         width, height = size
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         n = len(labels)
@@ -122,6 +200,7 @@ class DetectionDataset(Dataset):
             labels=labels[keep],
             iscrowd=iscrowd[keep],
             difficult=difficult[keep],
+            size_source=size_source,
         )
 
     def _set_records(self, records: list[ImageRecord], source: str) -> None:
@@ -131,6 +210,14 @@ class DetectionDataset(Dataset):
             warnings.warn(
                 f"{source}: clipped {clipped} box(es) to their image and dropped {dropped} "
                 "zero-area, inverted or out-of-image box(es)",
+                stacklevel=3,
+            )
+        if self._image_fallbacks:
+            named, used = self._image_fallbacks[0]
+            warnings.warn(
+                f"{source}: {len(self._image_fallbacks)} annotation(s) name an image file that "
+                f"does not exist; used the image named after the annotation instead, e.g. "
+                f"{named!r} -> {used}",
                 stacklevel=3,
             )
         # width 0 marks an image whose header could not be read (skip_bad_images mode)
@@ -176,8 +263,9 @@ class DetectionDataset(Dataset):
         close(closed)
 
     def load_raw(self, index: int) -> tuple[np.ndarray, ImageRecord]:
-        """The decoded file (``uint8 [H, W, 3]``) and its record; bad files are skipped
-        (substituted by the next good one) when ``skip_bad_images`` is set. With
+        """The decoded file (``uint8 [H, W, 3]``) and its record; bad files (unreadable, or
+        not of their record's size) are skipped (substituted by the next good one) when
+        ``skip_bad_images`` is set, else raise ValueError naming the file. With
         ``cache_images`` the decoded file is kept and later calls return a copy of it."""
         for step in range(len(self.records)):
             position = (index + step) % len(self.records)
@@ -187,6 +275,7 @@ class DetectionDataset(Dataset):
                 return cached.copy(), record  # a copy: transforms may write in place
             try:
                 image = load_rgb(record.path)
+                self._check_size(image, record)
                 if self.cache_images:
                     self._image_cache[position] = image
                     image = image.copy()
@@ -202,6 +291,17 @@ class DetectionDataset(Dataset):
                         stacklevel=2,
                     )
         raise ValueError(f"{self.source}: no readable image left")
+
+    def _check_size(self, image: np.ndarray, record: ImageRecord) -> None:
+        """Refuse a file whose size is not its record's: boxes were clipped to the recorded
+        frame and evaluation maps predictions back to it, so both would be silently wrong."""
+        height, width = image.shape[:2]
+        if (width, height) != (record.width, record.height):
+            source = record.size_source or f"its record in {self.source}"
+            raise ValueError(
+                f"image {record.path} is {width}x{height} (width x height, after EXIF "
+                f"orientation) but {source} gives {record.width}x{record.height}"
+            )
 
     def target_mask(self, record: ImageRecord) -> np.ndarray:
         """Which of a record's boxes go into training targets (all, unless overridden)."""

@@ -118,10 +118,11 @@ class COCODetection(DetectionDataset):
 
     def _record(self, img: dict[str, Any], label_of: dict[int, int]):
         path = self.image_dir / img["file_name"]
+        size_source = f"{self.ann_file} (images id {img['id']}: width, height)"
         if "width" in img and "height" in img:
             size = (int(img["width"]), int(img["height"]))
         elif path.is_file():
-            size = read_image_size(path)
+            size, size_source = read_image_size(path), "its header"
         else:
             size = (0, 0)  # reported as a missing image by _set_records
         anns = self.coco.imgToAnns.get(img["id"], [])
@@ -130,7 +131,7 @@ class COCODetection(DetectionDataset):
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
         difficult = np.array([bool(a.get("difficult", 0)) for a in anns], dtype=bool)
         return self._make_record(
-            img["id"], path, img["file_name"], size, boxes, labels, crowd, difficult
+            img["id"], path, img["file_name"], size, boxes, labels, crowd, difficult, size_source
         )
 
     def coco_ground_truth(self) -> dict[str, Any]:

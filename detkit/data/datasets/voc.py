@@ -101,7 +101,8 @@ class VOCDetection(DetectionDataset):
     ``class_names``: the label order; ``None`` discovers the names in the split's XML files
     (sorted). ``use_difficult=False`` leaves difficult boxes out of the training targets;
     :meth:`to_coco` always keeps them, flagged ``difficult``/``ignore``. Images may be .jpg or
-    .png; the XML's ``<filename>`` wins over the id.
+    .png; the XML's ``<filename>`` wins over the id when that file exists (else the id-named
+    image is used, counted in one warning).
     """
 
     def __init__(
@@ -143,13 +144,20 @@ class VOCDetection(DetectionDataset):
         return [line.split()[0] for line in lines if line.strip()]
 
     def _image_path(self, image_id: str, filename: str | None) -> Path:
-        if filename:
-            return self.image_dir / filename
+        """``<filename>`` if that file exists, else the image named after the id (any of
+        the usual extensions): converters often write a wrong extension or none. Such
+        fallbacks are counted for one warning; with neither, the path named is returned
+        for the missing-image error."""
+        named = self.image_dir / filename if filename else None
+        if named is not None and named.is_file():
+            return named
         for ext in (".jpg", ".png", ".jpeg", ".JPG", ".PNG"):
             candidate = self.image_dir / f"{image_id}{ext}"
             if candidate.is_file():
+                if named is not None:
+                    self._image_fallbacks.append((filename, candidate))
                 return candidate
-        return self.image_dir / f"{image_id}.jpg"
+        return named if named is not None else self.image_dir / f"{image_id}.jpg"
 
     def _record(
         self, number: int, image_id: str, ann: _VOCAnnotation, label_of: dict[str, int]
@@ -165,7 +173,10 @@ class VOCDetection(DetectionDataset):
         boxes = np.array([o.box for o in ann.objects], dtype=np.float32).reshape(-1, 4)
         labels = np.array([label_of[o.name] for o in ann.objects], dtype=np.int64)
         difficult = np.array([o.difficult for o in ann.objects], dtype=bool)
-        return self._make_record(number, path, path.name, size, boxes, labels, difficult=difficult)
+        source = f"{xml} <size>" if ann.size is not None else "its header"
+        return self._make_record(
+            number, path, path.name, size, boxes, labels, difficult=difficult, size_source=source
+        )
 
     def target_mask(self, record: ImageRecord) -> np.ndarray:
         if self.use_difficult:
