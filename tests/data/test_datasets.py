@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -133,6 +134,28 @@ def test_coco_malformed_json_names_file(tmp_path):
         COCODetection(tmp_path, bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         COCODetection(tmp_path, tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["annotations"][1].pop("id"), r"annotations\[1\] needs an integer 'id'"),
+        (lambda d: d["annotations"][1].update(id=1), r"annotations\[1\] repeats the annot"),
+        (lambda d: d["annotations"][2]["bbox"].__setitem__(0, math.nan), r"\[2\]\.bbox \[nan"),
+        (lambda d: d["categories"].append(dict(d["categories"][0])), "category ids are not"),
+        (lambda d: d.update(images=[], annotations=[]), "the 'images' list is empty"),
+    ],
+)  # fmt: skip
+def test_coco_annotation_file_problems_are_named_before_pycocotools_sees_them(
+    coco_dir, tmp_path, edit, message
+):
+    image_dir, ann_file, data = coco_dir
+    data = json.loads(json.dumps(data))
+    edit(data)
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"edited.json: .*{message}"):
+        COCODetection(image_dir, edited)
 
 
 def write_voc(root: Path, objects_per_image: list[list[tuple]], ext: str = ".jpg") -> None:

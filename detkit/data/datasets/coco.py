@@ -57,9 +57,17 @@ def _check_layout(data: Any, path: Path) -> None:
     known_images = {img["id"] for img in data["images"]}
     if len(known_images) != len(data["images"]):
         raise ValueError(f"{path}: image ids are not unique")
+    if not data["images"]:
+        raise ValueError(f"{path}: the 'images' list is empty: there is nothing to read")
     known_cats = {cat["id"] for cat in data.get("categories", [])}
+    if len(known_cats) != len(data.get("categories", [])):
+        raise ValueError(f"{path}: category ids are not unique")
+    ann_ids = set()
     for i, ann in enumerate(data.get("annotations", [])):
         _check_annotation(ann, i, path, known_images, known_cats)
+        if ann["id"] in ann_ids:
+            raise ValueError(f"{path}: annotations[{i}] repeats the annotation id {ann['id']}")
+        ann_ids.add(ann["id"])
 
 
 def _check_annotation(ann: Any, i: int, path: Path, images: set, cats: set) -> None:
@@ -81,6 +89,11 @@ def _check_annotation(ann: Any, i: int, path: Path, images: set, cats: set) -> N
             f"{path}: annotations[{i}] has unknown category_id {ann.get('category_id')!r}; "
             f"known ids: {sorted(cats)}"
         )
+    if not all(math.isfinite(v) for v in bbox):
+        raise ValueError(f"{path}: annotations[{i}].bbox {bbox} is not finite")
+    # pycocotools indexes annotations by id: without one it fails deep inside
+    if not isinstance(ann.get("id"), int) or isinstance(ann.get("id"), bool):
+        raise ValueError(f"{path}: annotations[{i}] needs an integer 'id'")
 
 
 class COCODetection(DetectionDataset):
