@@ -206,25 +206,32 @@ def fit_anchors(wh: Tensor, k: int = 9, iters: int = 300, seed: int = 0) -> Tens
 
 
 def fit_anchors_from_dataset(
-    dataset, k: int = 9, image_size: int | Sequence[int] = 416, **kwargs
+    dataset,
+    k: int = 9,
+    image_size: int | Sequence[int] = 416,
+    letterbox: bool = True,
+    **kwargs,
 ) -> Tensor:
-    """Fit anchors to a dataset's boxes (from ``dataset.to_coco()``) resized to ``image_size``.
+    """Fit anchors to a dataset's boxes (from ``dataset.to_coco()``) at the model's input size.
 
-    Each box is scaled as its image would be when resized (without letterboxing) to
-    ``image_size`` (int or (h, w)); crowd annotations are skipped. ``kwargs`` go to
-    :func:`fit_anchors`.
+    Each box is scaled as its image is on the way to ``image_size`` (int or (h, w)): by
+    ``letterbox`` (YOLO's transforms, and Ultralytics' autoanchor) one factor keeping the
+    aspect ratio, the image fitting inside; else stretched per axis to fill it. Crowd
+    annotations are skipped. ``kwargs`` go to :func:`fit_anchors`.
     """
     if not hasattr(dataset, "to_coco"):
         raise ValueError(f"dataset {type(dataset).__name__} has no to_coco() method")
     target_h, target_w = (image_size, image_size) if isinstance(image_size, int) else image_size
     coco = dataset.to_coco()
-    sizes = {img["id"]: (img["width"], img["height"]) for img in coco["images"]}
+    scales = {}
+    for img in coco["images"]:
+        sx, sy = target_w / img["width"], target_h / img["height"]
+        scales[img["id"]] = (min(sx, sy),) * 2 if letterbox else (sx, sy)
     wh = [
-        (a["bbox"][2] * target_w / sizes[a["image_id"]][0],
-         a["bbox"][3] * target_h / sizes[a["image_id"]][1])
+        (a["bbox"][2] * scales[a["image_id"]][0], a["bbox"][3] * scales[a["image_id"]][1])
         for a in coco["annotations"]
         if not a.get("iscrowd", 0)
-    ]  # fmt: skip
+    ]
     if not wh:
         raise ValueError("dataset has no (non-crowd) boxes to fit anchors to")
     return fit_anchors(torch.tensor(wh, dtype=torch.float64), k=k, **kwargs)

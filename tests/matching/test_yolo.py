@@ -53,8 +53,11 @@ def test_fit_anchors_from_dataset_scales_boxes():
             anns.append({"id": 99, "image_id": 0, "bbox": [0, 0, 200, 100], "iscrowd": 1})
             return {"images": images, "annotations": anns}
 
+    # letterboxed as YOLO's transforms do: 200x100 images fit 400x400 at one factor, 2
     anchors = fit_anchors_from_dataset(FakeDataset(), k=2, image_size=400)
-    torch.testing.assert_close(anchors, torch.tensor([[40.0, 40.0], [200.0, 40.0]]))
+    torch.testing.assert_close(anchors, torch.tensor([[40.0, 20.0], [200.0, 20.0]]))
+    stretched = fit_anchors_from_dataset(FakeDataset(), k=2, image_size=400, letterbox=False)
+    torch.testing.assert_close(stretched, torch.tensor([[40.0, 40.0], [200.0, 40.0]]))
 
 
 def test_assign_yolov3_best_anchor_at_centre_cell():
