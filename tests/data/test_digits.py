@@ -62,3 +62,18 @@ def test_digits_items_and_boxes_hold_ink(built):
     assert all(0 <= int(v) <= 9 for v in target["labels"])
     with pytest.raises(ValueError, match="split"):
         DigitsDetection(root, "test", n_train=12, n_val=6, seed=3, image_size=128)
+
+
+def test_a_dataset_config_never_rebuilds_a_set_built_with_other_parameters(tmp_path):
+    root = tmp_path / "mine"
+    paths = build_digits(root, n_train=4, n_val=2, seed=1, image_size=64)
+    before = paths["train_ann"].read_text()
+    with pytest.raises(
+        ValueError, match=r"holds a digits set built with n_train=4 \(this config: 8\)"
+    ):
+        DigitsDetection(root, "train", n_train=8, n_val=2, seed=1, image_size=64)
+    assert paths["train_ann"].read_text() == before  # untouched
+    assert len(DigitsDetection(root, "train", n_train=4, n_val=2, seed=1, image_size=64)) == 4
+    # `detkit data digits` asks for the set it names: that replaces it
+    build_digits(root, n_train=8, n_val=2, seed=1, image_size=64)
+    assert len(json.loads(paths["train_ann"].read_text())["images"]) == 8

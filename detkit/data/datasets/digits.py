@@ -214,10 +214,19 @@ def _build_lock(out_dir: Path):
 
 
 def build_digits(
-    out_dir: str | Path, n_train: int = 2000, n_val: int = 300, seed: int = 0, image_size: int = 256
+    out_dir: str | Path,
+    n_train: int = 2000,
+    n_val: int = 300,
+    seed: int = 0,
+    image_size: int = 256,
+    replace: bool = True,
 ) -> dict[str, Path]:
     """Write the digits dataset into ``out_dir`` (``{train,val}/*.png``, ``{train,val}.json``)
     unless a manifest with the same parameters says it is already there.
+
+    A set built with other parameters is replaced (``detkit data digits`` asks for that set),
+    or with ``replace=False`` (a dataset config reading ``data.root``) refused in one line:
+    a run must not silently rebuild, with its own defaults, a set the user built.
 
     Returns ``{"root", "train_images", "train_ann", "val_images", "val_ann"}`` paths.
     """
@@ -236,6 +245,17 @@ def build_digits(
     with _build_lock(out_dir):
         if _manifest_matches(manifest, params, paths):
             return paths
+        built = _read_manifest(manifest)
+        if built is not None and not replace:
+            differ = {k: (built.get(k), v) for k, v in params.items() if built.get(k) != v}
+            shown = ", ".join(
+                f"{k}={have} (this config: {want})" for k, (have, want) in differ.items()
+            )
+            raise ValueError(
+                f"{out_dir} holds a digits set built with {shown}: pass the same data.n_train/"
+                "n_val/seed/image_size, another data.root, or rebuild it with "
+                f"`detkit data digits out={out_dir} ...`"
+            )
         manifest.unlink(missing_ok=True)
         mnist = load_mnist_5k()
         counts = {"train": params["n_train"], "val": params["n_val"]}
@@ -243,6 +263,16 @@ def build_digits(
             _write_split(out_dir, split, counts[split], params["seed"], image_size, mnist)
         write_json(manifest, params)  # written last: a crash mid-build means a rebuild next time
     return paths
+
+
+def _read_manifest(manifest: Path) -> dict | None:
+    """The parameters a complete earlier build recorded, or None (no build, or a broken one:
+    the manifest is written last)."""
+    try:
+        built = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    return built if isinstance(built, dict) else None
 
 
 def _manifest_matches(manifest: Path, params: dict, paths: dict[str, Path]) -> bool:
@@ -272,7 +302,9 @@ class DigitsDetection(COCODetection):
     ):
         if split not in SPLITS:
             raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
-        paths = build_digits(root, n_train=n_train, n_val=n_val, seed=seed, image_size=image_size)
+        paths = build_digits(
+            root, n_train=n_train, n_val=n_val, seed=seed, image_size=image_size, replace=False
+        )
         self.split = split
         super().__init__(
             paths[f"{split}_images"],
