@@ -123,6 +123,8 @@ def check_hydra_settings(config_name: str, hydra_argv: list[str]) -> None:
         hydra = Hydra.create_main_hydra2(task_name="detkit", config_search_path=search_path)
         cfg = hydra.compose_config(config_name, list(args.overrides), run_mode=mode)
         check_hydra_node(OmegaConf.to_container(cfg.hydra), "the hydra: settings")
+        if mode == RunMode.RUN and args.cfg is None and args.info is None:
+            check_run_dir(str(cfg.hydra.run.dir))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         if os.environ.get("DETKIT_DEBUG"):
             raise
@@ -131,6 +133,26 @@ def check_hydra_settings(config_name: str, hydra_argv: list[str]) -> None:
         _fail(f"error: {err}", code=1)
     finally:
         GlobalHydra.instance().clear()
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuse, in one line, a run directory that cannot be made: Hydra creates it (and opens
+    its log file there) before the command starts, and fails with a traceback. Checked by
+    making and removing a scratch folder in its nearest existing ancestor, so nothing is left
+    behind (the run's own folder name holds a time stamp Hydra takes again)."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(run_dir).absolute()
+    ancestor = next(p for p in (target, *target.parents) if p.exists())
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"{ancestor} is not a directory")
+        with tempfile.TemporaryDirectory(dir=ancestor):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        _fail(f"error: hydra.run.dir {target}: cannot write in {ancestor}: {reason}", code=1)
 
 
 def with_search_path(args: list[str]) -> list[str]:

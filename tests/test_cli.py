@@ -94,3 +94,16 @@ def test_yaml_errors_are_one_line(text, message, tmp_path, capsys):
     assert cli.main(["train", "--config-dir", str(tmp_path), "experiment=bad"]) == 1
     err = capsys.readouterr().err
     assert message in err and "bad.yaml" in err and err.count("\n") == 1
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    args = ["data", "stats", f"hydra.run.dir={blocker / 'run'}"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"detkit: error: hydra.run.dir {blocker / 'run'}: cannot write in {blocker}: "
+        f"{blocker} is not a directory\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing left behind
