@@ -10,6 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from detkit.data.datasets.digits import build_digits
 from detkit.data.inspect import browse_grid, dataset_stats, print_stats
 from detkit.data.splits import build_split
+from detkit.errors import UserError
 
 ACTIONS = ("digits", "browse", "stats", "anchors")
 
@@ -27,10 +28,10 @@ def run(cfg: DictConfig) -> None:
             )
     elif action == "browse":
         raw = bool(cfg.get("raw", False))
+        n, columns = positive_int(cfg, "n"), positive_int(cfg, "columns")
         dataset = build_split(cfg, cfg.get("split", "train"), None if raw else "split")
         out = _browse_file(cfg)
-        browse_grid(dataset, n=int(cfg.n), columns=int(cfg.get("columns", 4)), path=out,
-                    seed=int(cfg.get("seed", 0)))  # fmt: skip
+        browse_grid(dataset, n=n, columns=columns, path=out, seed=int(cfg.get("seed", 0)))
         print(f"wrote {out}")
     elif action == "stats":
         dataset = build_split(cfg, cfg.get("split", "train"), None)
@@ -38,13 +39,23 @@ def run(cfg: DictConfig) -> None:
     elif action == "anchors":
         from detkit.matching import fit_anchors_from_dataset  # lazy: only this action needs it
 
-        dataset = build_split(cfg, cfg.get("split", "train"), None)
+        k = positive_int(cfg, "k")
         size = model_input_size(cfg)
-        anchors = fit_anchors_from_dataset(dataset, int(cfg.k), size)
-        print(f"{int(cfg.k)} anchors [w, h] in pixels at the model's input size {size}:")
+        dataset = build_split(cfg, cfg.get("split", "train"), None)
+        anchors = fit_anchors_from_dataset(dataset, k, size)
+        print(f"{k} anchors [w, h] in pixels at the model's input size {size}:")
         print(np.asarray(anchors).round(1).tolist())
     else:
         raise ValueError(f"unknown data action {action!r}; choose one of {list(ACTIONS)}")
+
+
+def positive_int(cfg: DictConfig, name: str) -> int:
+    """``cfg[name]`` as a count: ``int()`` would take ``true`` or ``2.7``, and 0 or a negative
+    count fails deep inside (or, for ``k=0``, quietly fits one anchor)."""
+    value = cfg.get(name)
+    if type(value) is not int or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def model_input_size(cfg: DictConfig) -> int | tuple[int, int]:

@@ -10,8 +10,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from detkit.engine.checkpoint import load_detector
+from detkit.engine.run import _switch
 from detkit.errors import UserError
-from detkit.export.onnx import ExportResult, export_onnx
+from detkit.export.onnx import ExportResult, check_opset, export_onnx
 
 FORMATS = ("onnx",)
 
@@ -39,6 +40,12 @@ def export_checkpoint(
         raise UserError("export needs ckpt=<checkpoint>")
     if str(ckpt).endswith(".onnx"):
         raise UserError(f"ckpt={ckpt} is already an ONNX model; export needs a checkpoint")
+    # Every argument is checked before the (slow) checkpoint load.
+    nms = _flag("nms", nms)
+    dynamic_batch = _flag("dynamic_batch", dynamic_batch)
+    verify = _flag("verify", verify)
+    check_opset(opset)
+    tolerance = _tolerance(tolerance)
     model, config = load_detector(ckpt)
     if image_size is not None and not isinstance(image_size, int):
         image_size = list(
@@ -51,9 +58,9 @@ def export_checkpoint(
         model,
         output_dir,
         image_size=image_size,
-        nms=bool(nms),
-        dynamic_batch=bool(dynamic_batch),
-        opset=None if opset is None else int(opset),
+        nms=nms,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
         class_names=list(names) if names else None,
         transforms=(
             OmegaConf.to_container(transforms.eval, resolve=True)
@@ -61,6 +68,23 @@ def export_checkpoint(
             else None
         ),
         data=OmegaConf.to_container(config.data, resolve=True) if config.get("data") else None,
-        verify=bool(verify),
-        tolerance=float(tolerance),
+        verify=verify,
+        tolerance=tolerance,
     )
+
+
+def _flag(name: str, value) -> bool:
+    """A true/false argument, parsed as eval and predict parse theirs (``nms=no`` is refused
+    rather than read as true)."""
+    return _switch({name: value}, name, False)
+
+
+def _tolerance(value) -> float:
+    """``tolerance`` as a number >= 0 (a word would otherwise fail in ``float()`` unnamed)."""
+    try:
+        tolerance = float(value)
+    except (TypeError, ValueError):
+        tolerance = -1.0
+    if isinstance(value, bool) or not tolerance >= 0:
+        raise UserError(f"tolerance must be a number >= 0, got {value!r}")
+    return tolerance

@@ -15,6 +15,7 @@ Input convention: ``images`` float32 ``[B, 3, H, W]``, RGB in ``[0, 1]``; the gr
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ log = logging.getLogger("detkit")
 MIN_OPSET = 18  # detkit's translations use opset-18 onnxscript ops
 SIDECAR_FORMAT = "detkit-onnx/1"
 MAX_DYNAMIC_BATCH = 1024
+# Where an export waits for its check; a rejected one stays there, named as such.
+UNVERIFIED_NAME = "model.unverified.onnx"
 
 
 @dataclass
@@ -63,13 +66,16 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``output_dir/model.onnx`` and ``output_dir/model.json``; check in ONNX Runtime.
 
+    Both files are put in place only after the check passes; a rejected export is left as
+    ``model.unverified.onnx`` / ``.json`` and earlier ``model.onnx`` / ``model.json`` stay.
+
     Args:
         model: a detkit ``SSD``, ``YOLO`` or ``FasterRCNN`` (put in eval mode).
         image_size: ``(h, w)`` or one int for a square graph input; default the model's
             ``image_size``.
         nms: end in ``multiclass_nms``'s padded outputs, else in decoded boxes and scores.
         dynamic_batch: a dynamic batch axis (else the batch is fixed at 1).
-        opset: ONNX opset (>= 18), default the exporter's.
+        opset: ONNX opset (from 18 to :func:`max_opset`), default the exporter's.
         class_names: written to the sidecar (default ``"0".."C-1"``).
         transforms: the eval transform config (``_target_`` dict) for ``detkit predict``.
         data: the training run's resolved ``data`` config node, so that ``detkit eval
@@ -80,25 +86,81 @@ def export_onnx(
 
     Raises:
         ExportCheckError: ONNX Runtime and PyTorch disagree beyond ``tolerance``.
+        UserError: a bad argument (opset, image size, class names), named in the message.
     """
     size = resolve_image_size(image_size, model)
-    if opset is not None and int(opset) < MIN_OPSET:
-        raise UserError(f"opset={opset} is too old: detkit's ONNX graphs need opset >= {MIN_OPSET}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    wrapper = export_wrapper(model.eval(), size, nms)
-    onnx_path = output_dir / "model.onnx"
-    proto_opset = write_onnx(wrapper, onnx_path, dynamic_batch, opset, optimize)
+    check_opset(opset)
     names = list(class_names) if class_names else [str(i) for i in range(model.num_classes)]
     if len(names) != model.num_classes:
         raise UserError(f"{len(names)} class names for a model of {model.num_classes} classes")
-    sidecar = describe(wrapper, names, dynamic_batch, proto_opset, transforms, data)
-    sidecar_path = write_json(onnx_path.with_suffix(".json"), sidecar, indent=2)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = export_wrapper(model.eval(), size, nms)
+    # Staged under other names and renamed into place only once checked, so that a failed
+    # export never replaces a good model.onnx/model.json from an earlier run.
+    staged = output_dir / UNVERIFIED_NAME
+    try:
+        proto_opset = write_onnx(wrapper, staged, dynamic_batch, opset, optimize)
+        sidecar = describe(wrapper, names, dynamic_batch, proto_opset, transforms, data)
+        write_json(staged.with_suffix(".json"), sidecar, indent=2)
+        comparison = None
+        if verify:
+            comparison = check_against_pytorch(wrapper, staged, dynamic_batch, tolerance)
+    except ExportCheckError as err:
+        # Kept for inspection (the point of a strict tolerance is often to look at the graph).
+        raise ExportCheckError(
+            f"{err}; the rejected export is kept as {staged.name} and "
+            f"{staged.with_suffix('.json').name}, model.onnx and model.json were left unchanged"
+        ) from err
+    except BaseException:
+        _remove_pair(staged)  # half-written or unchecked: of no use to anyone
+        raise
+    onnx_path = output_dir / "model.onnx"
+    sidecar_path = onnx_path.with_suffix(".json")
+    _rename(staged.with_suffix(".json"), sidecar_path)
+    _rename(staged, onnx_path)
     log.info("wrote %s and %s", onnx_path, sidecar_path)
-    comparison = None
-    if verify:
-        comparison = check_against_pytorch(wrapper, onnx_path, dynamic_batch, tolerance)
     return ExportResult(onnx_path, sidecar_path, comparison)
+
+
+def max_opset() -> int:
+    """The newest opset the installed torch exporter targets; above it the exporter's version
+    converter fails and silently keeps its own opset."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET  # private: torch may move it
+    except ImportError:
+        import onnx
+
+        return onnx.defs.onnx_opset_version()
+    return ONNX_MAX_OPSET
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset detkit's graphs or the installed exporter cannot produce."""
+    if opset is None:
+        return
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise UserError(f"opset must be an integer from {MIN_OPSET} to {top}, got {opset!r}")
+    if opset < MIN_OPSET:
+        raise UserError(f"opset={opset} is too old: detkit's ONNX graphs need opset >= {MIN_OPSET}")
+    if opset > top:
+        raise UserError(
+            f"opset={opset} is newer than the installed torch exporter supports "
+            f"(opset {MIN_OPSET} to {top})"
+        )
+
+
+def _rename(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)  # atomic: target is the old file or the new one
+    except OSError as err:
+        raise UserError(f"cannot write {target}: {err.strerror or err}") from err
+
+
+def _remove_pair(onnx_path: Path) -> None:
+    for path in (onnx_path, onnx_path.with_suffix(".json")):
+        path.unlink(missing_ok=True)
 
 
 def resolve_image_size(image_size, model: nn.Module) -> tuple[int, int]:
@@ -154,7 +216,11 @@ def write_onnx(
         program.save(str(tmp))
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and got != opset:
+        # The exporter falls back to its own opset when its version converter fails.
+        raise UserError(f"opset={opset} could not be produced: the exporter wrote opset {got}")
+    return got
 
 
 def describe(

@@ -89,3 +89,23 @@ def test_anchors_refuse_a_model_without_an_input_size(coco_dir):
     data = ["data=coco", f"data.train_images={image_dir}", f"data.train_ann={ann}"]
     with pytest.raises(ValueError, match="model.image_size must be a positive int or"):
         run(data_tool_cfg(["action=anchors", *data, "model.image_size=0"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["action=anchors", "k=0"], "k must be a positive integer, got 0"),
+        (["action=anchors", "k=-1"], "k must be a positive integer, got -1"),
+        (["action=anchors", "k=abc"], "k must be a positive integer, got 'abc'"),
+        (["action=browse", "n=0"], "n must be a positive integer, got 0"),
+        (["action=browse", "n=-2"], "n must be a positive integer, got -2"),
+        (["action=browse", "columns=0"], "columns must be a positive integer, got 0"),
+    ],
+)
+def test_bad_counts_are_named_in_one_line(tmp_path, capsys, overrides, message):
+    from detkit import cli
+
+    args = [*overrides, f"data.root={tmp_path / 'none'}", f"hydra.run.dir={tmp_path}"]
+    assert cli.main(["data", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -93,3 +93,43 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
     missing = tmp_path / "nope.ckpt"
     assert cli.main(["export", f"ckpt={missing}", f"hydra.run.dir={tmp_path}"]) == 1
     assert str(missing) in capsys.readouterr().err
+
+
+def test_rejected_export_leaves_the_previous_one_unchanged(exported, tmp_path, capsys):
+    _, ckpt, out = exported
+    good = {name: (out / name).read_bytes() for name in ("model.onnx", "model.json")}
+    for name, data in good.items():
+        (tmp_path / name).write_bytes(data)
+    # tolerance=0: the float rounding between ONNX Runtime and PyTorch is enough to fail
+    code = cli.main(["export", f"ckpt={ckpt}", "nms=false", "tolerance=0",
+                     f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert (
+        "disagrees with PyTorch" in err and "model.onnx and model.json were left unchanged" in err
+    )
+    assert all((tmp_path / name).read_bytes() == data for name, data in good.items())
+    assert (tmp_path / "model.unverified.onnx").exists()  # kept for inspection, as said
+    assert (tmp_path / "model.unverified.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("opset=99", "opset=99 is newer than the installed torch exporter supports (opset 18 to"),
+        ("opset=abc", "opset must be an integer from 18 to"),
+        ("nms=no", "nms must be true or false, got 'no'"),
+        ("dynamic_batch=1", "dynamic_batch must be true or false, got 1"),
+        ("verify=yes", "verify must be true or false, got 'yes'"),
+        ("tolerance=abc", "tolerance must be a number >= 0, got 'abc'"),
+        ("tolerance=-1", "tolerance must be a number >= 0, got -1"),
+    ],
+)
+def test_bad_switches_opsets_and_tolerances_are_one_named_line(
+    exported, tmp_path, capsys, override, message
+):
+    _, ckpt, _ = exported
+    code = cli.main(["export", f"ckpt={ckpt}", override, f"hydra.run.dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "model.onnx").exists()
