@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from detkit.engine.checkpoint import load_detector
-from detkit.engine.run import _switch
+from detkit.engine.options import switch
 from detkit.errors import UserError
 from detkit.export.onnx import ExportResult, check_opset, export_onnx
 
@@ -76,7 +76,7 @@ def export_checkpoint(
 def _flag(name: str, value) -> bool:
     """A true/false argument, parsed as eval and predict parse theirs (``nms=no`` is refused
     rather than read as true)."""
-    return _switch({name: value}, name, False)
+    return switch({name: value}, name, False)
 
 
 def _tolerance(value) -> float:

@@ -27,6 +27,7 @@ from detkit.engine.checkpoint_io import AtomicCheckpointIO
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, load_inference_model, run_detector
 from detkit.engine.module import DetectionModule
+from detkit.engine.options import switch
 from detkit.errors import UserError
 from detkit.files import write_json
 
@@ -213,15 +214,6 @@ def build_metric(data_cfg: DictConfig):
     )
 
 
-def _switch(cfg: DictConfig, name: str, default: bool) -> bool:
-    """A true/false option of a command; anything else is the user's mistake, said in a line
-    (a truthy word such as ``no`` would otherwise silently count as true)."""
-    value = cfg.get(name, default)
-    if not isinstance(value, bool):
-        raise UserError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """``detkit eval``: a results file against ground truth, or a checkpoint on a dataset."""
     output_dir = Path(cfg.paths.output_dir)
@@ -259,7 +251,7 @@ def evaluate(cfg: DictConfig) -> dict:
         score_threshold=cfg.score_threshold,
         backend=cfg.backend,
         paths=paths,
-        fuse_conv_bn=_switch(cfg, "fuse_conv_bn", False),
+        fuse_conv_bn=switch(cfg, "fuse_conv_bn", False),
     )
 
 
@@ -331,7 +323,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         score_threshold=cfg.score_threshold,
         batch_size=cfg.batch_size,
         max_images=cfg.get("max_images"),
-        fuse_conv_bn=_switch(cfg, "fuse_conv_bn", True),
+        fuse_conv_bn=switch(cfg, "fuse_conv_bn", True),
     )
 
 
