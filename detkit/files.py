@@ -9,6 +9,7 @@ naming the path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -68,3 +69,12 @@ def _fsync(path: Path) -> None:
     # would leave an empty file under the final name).
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (a graph can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -28,7 +28,7 @@ from detkit.errors import UserError
 from detkit.eval.compare import Comparison, compare_detections
 from detkit.export.verify import ExportCheckError, sample_images
 from detkit.export.wrappers import ExportWrapper, export_wrapper
-from detkit.files import atomic_path, write_json
+from detkit.files import atomic_path, file_sha256, write_json
 from detkit.structures import unpad_detections
 
 log = logging.getLogger("detkit")
@@ -102,6 +102,9 @@ def export_onnx(
     try:
         proto_opset = write_onnx(wrapper, staged, dynamic_batch, opset, optimize)
         sidecar = describe(wrapper, names, dynamic_batch, proto_opset, transforms, data)
+        # The pair is renamed into place one file at a time: the sidecar names its graph, so
+        # a crash between the renames (or a graph copied over) is caught when they are read.
+        sidecar["graph_sha256"] = file_sha256(staged)
         write_json(staged.with_suffix(".json"), sidecar, indent=2)
         comparison = None
         if verify:

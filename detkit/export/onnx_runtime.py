@@ -22,6 +22,7 @@ from torch import Tensor
 
 from detkit.config import config_from_file
 from detkit.errors import UserError
+from detkit.files import file_sha256
 from detkit.ops import clip_boxes
 from detkit.structures import DetectorOutput, unpad_detections
 
@@ -47,6 +48,12 @@ def read_sidecar(onnx_path: str | Path) -> dict:
         raise UserError(f"sidecar {sidecar} was not written by detkit export (no format tag)")
     config_from_file(info, f"sidecar {sidecar}")
     _check_sidecar_fields(info, f"sidecar {sidecar}")
+    expected = info.get("graph_sha256")  # absent in sidecars written before it was recorded
+    if expected is not None and Path(onnx_path).is_file() and file_sha256(onnx_path) != expected:
+        raise UserError(
+            f"sidecar {sidecar} was written for another graph than {onnx_path} (its SHA-256 "
+            "differs): export again, or put the pair that was exported together back"
+        )
     return info
 
 

@@ -323,7 +323,18 @@ def test_a_graph_that_names_more_classes_than_its_sidecar_is_refused(genuine, tm
 
 
 def test_a_file_that_is_not_onnx_is_one_line(genuine, tmp_path):
-    onnx_path = _edited_copy(genuine, tmp_path, lambda info: None)
+    # a sidecar from before graph_sha256 was recorded: the graph itself is then loaded
+    onnx_path = _edited_copy(genuine, tmp_path, lambda info: info.pop("graph_sha256"))
     onnx_path.write_bytes(b"not a protobuf")
     with pytest.raises(UserError, match=f"ONNX model {onnx_path} cannot be loaded: "):
+        OnnxDetector(onnx_path)
+
+
+def test_a_sidecar_next_to_another_graph_is_refused(genuine, tmp_path):
+    info = json.loads(genuine.with_suffix(".json").read_text())
+    assert len(info["graph_sha256"]) == 64  # the export records the graph it describes
+    onnx_path = _edited_copy(genuine, tmp_path, lambda info: None)
+    OnnxDetector(onnx_path)  # the pair as exported
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # another graph (a crash mid-rename)
+    with pytest.raises(UserError, match=r"was written for another graph than .*model.onnx"):
         OnnxDetector(onnx_path)
