@@ -455,3 +455,17 @@ def killed_half_way(write, file_size_limit: int) -> bool:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXFSZ
+
+
+def save_detector_checkpoint(path: Path, model: nn.Module, cfg) -> Path:
+    """``model`` and its composed ``cfg`` as ``detkit train`` stores them (a resolved config,
+    its ``paths`` in ``path``'s folder; ``{"model." + k: v}`` weights), for tests of the
+    commands that read checkpoints."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config["paths"] = {"cache_dir": str(path.parent), "output_dir": str(path.parent)}
+    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "detkit_config": config}, path)
+    return path

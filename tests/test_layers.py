@@ -20,6 +20,7 @@ LAYERS = {
     "detkit.structures": 0,
     "detkit.allowlist": 0,
     "detkit.config": 0,
+    "detkit.options": 0,
     "detkit.ops": 1,
     "detkit.eval": 2,
     "detkit.matching": 2,

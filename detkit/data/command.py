@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from detkit.data.datasets.digits import build_digits
 from detkit.data.inspect import browse_grid, dataset_stats, print_stats
 from detkit.data.splits import build_split
-from detkit.errors import UserError
+from detkit.options import positive_int
 
 ACTIONS = ("digits", "browse", "stats", "anchors")
 
@@ -28,7 +28,7 @@ def run(cfg: DictConfig) -> None:
             )
     elif action == "browse":
         raw = bool(cfg.get("raw", False))
-        n, columns = positive_int(cfg, "n"), positive_int(cfg, "columns")
+        n, columns = positive_int(cfg.get("n"), "n"), positive_int(cfg.get("columns"), "columns")
         dataset = build_split(cfg, cfg.get("split", "train"), None if raw else "split")
         out = _browse_file(cfg)
         browse_grid(dataset, n=n, columns=columns, path=out, seed=int(cfg.get("seed", 0)))
@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> None:
     elif action == "anchors":
         from detkit.matching import fit_anchors_from_dataset  # lazy: only this action needs it
 
-        k = positive_int(cfg, "k")
+        k = positive_int(cfg.get("k"), "k")
         size = model_input_size(cfg)
         dataset = build_split(cfg, cfg.get("split", "train"), None)
         anchors = fit_anchors_from_dataset(dataset, k, size)
@@ -47,15 +47,6 @@ def run(cfg: DictConfig) -> None:
         print(np.asarray(anchors).round(1).tolist())
     else:
         raise ValueError(f"unknown data action {action!r}; choose one of {list(ACTIONS)}")
-
-
-def positive_int(cfg: DictConfig, name: str) -> int:
-    """``cfg[name]`` as a count: ``int()`` would take ``true`` or ``2.7``, and 0 or a negative
-    count fails deep inside (or, for ``k=0``, quietly fits one anchor)."""
-    value = cfg.get(name)
-    if type(value) is not int or value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def model_input_size(cfg: DictConfig) -> int | tuple[int, int]:

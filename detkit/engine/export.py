@@ -10,9 +10,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from detkit.engine.checkpoint import load_detector
-from detkit.engine.options import switch
 from detkit.errors import UserError
 from detkit.export.onnx import ExportResult, check_opset, export_onnx
+from detkit.options import number, switch
 
 FORMATS = ("onnx",)
 
@@ -41,11 +41,11 @@ def export_checkpoint(
     if str(ckpt).endswith(".onnx"):
         raise UserError(f"ckpt={ckpt} is already an ONNX model; export needs a checkpoint")
     # Every argument is checked before the (slow) checkpoint load.
-    nms = _flag("nms", nms)
-    dynamic_batch = _flag("dynamic_batch", dynamic_batch)
-    verify = _flag("verify", verify)
+    nms = switch(nms, "nms")
+    dynamic_batch = switch(dynamic_batch, "dynamic_batch")
+    verify = switch(verify, "verify")
     check_opset(opset)
-    tolerance = _tolerance(tolerance)
+    tolerance = number(tolerance, "tolerance", 0)
     model, config = load_detector(ckpt)
     if image_size is not None and not isinstance(image_size, int):
         image_size = list(
@@ -71,20 +71,3 @@ def export_checkpoint(
         verify=verify,
         tolerance=tolerance,
     )
-
-
-def _flag(name: str, value) -> bool:
-    """A true/false argument, parsed as eval and predict parse theirs (``nms=no`` is refused
-    rather than read as true)."""
-    return switch({name: value}, name, False)
-
-
-def _tolerance(value) -> float:
-    """``tolerance`` as a number >= 0 (a word would otherwise fail in ``float()`` unnamed)."""
-    try:
-        tolerance = float(value)
-    except (TypeError, ValueError):
-        tolerance = -1.0
-    if isinstance(value, bool) or not tolerance >= 0:
-        raise UserError(f"tolerance must be a number >= 0, got {value!r}")
-    return tolerance

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from detkit.engine.draw import draw_detections
 from detkit.engine.inference import load_inference_model, run_detector
 from detkit.errors import UserError
 from detkit.files import atomic_path, write_json
+from detkit.options import number, positive_int
 
 log = logging.getLogger("detkit")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -61,22 +61,9 @@ def _warn_unread_subfolders(folder: Path) -> None:
 
 def check_options(score_threshold, batch_size, max_images) -> None:
     """The options of ``detkit predict``, each refused in one line naming it."""
-    if not _is_number(score_threshold) or not 0 <= score_threshold <= 1:
-        raise UserError(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
-    if not _is_positive_int(batch_size):
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    # A negative count would slice off the last images instead.
-    if max_images is not None and not _is_positive_int(max_images):
-        raise UserError(f"max_images must be a positive integer or null, got {max_images!r}")
-
-
-def _is_number(value) -> bool:
-    # bool is an int to Python, not a threshold to a user; nan compares false to any bound.
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    number(score_threshold, "score_threshold", 0, 1)
+    positive_int(batch_size, "batch_size")
+    positive_int(max_images, "max_images", optional=True)
 
 
 def drawing_names(files: list[Path]) -> list[str]:

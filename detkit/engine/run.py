@@ -27,9 +27,9 @@ from detkit.engine.checkpoint_io import AtomicCheckpointIO
 from detkit.engine.eval_data import label_map, model_class_names, relabel, replace_data
 from detkit.engine.inference import coco_results, load_inference_model, run_detector
 from detkit.engine.module import DetectionModule
-from detkit.engine.options import switch
 from detkit.errors import UserError
 from detkit.files import write_json
+from detkit.options import switch
 
 log = logging.getLogger("detkit")
 
@@ -251,7 +251,7 @@ def evaluate(cfg: DictConfig) -> dict:
         score_threshold=cfg.score_threshold,
         backend=cfg.backend,
         paths=paths,
-        fuse_conv_bn=switch(cfg, "fuse_conv_bn", False),
+        fuse_conv_bn=switch(cfg.get("fuse_conv_bn", False), "fuse_conv_bn"),
     )
 
 
@@ -323,7 +323,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         score_threshold=cfg.score_threshold,
         batch_size=cfg.batch_size,
         max_images=cfg.get("max_images"),
-        fuse_conv_bn=switch(cfg, "fuse_conv_bn", True),
+        fuse_conv_bn=switch(cfg.get("fuse_conv_bn", True), "fuse_conv_bn"),
     )
 
 

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from detkit import cli
 from detkit.config import compose_config
 from detkit.engine.predict import drawing_names, find_images, predict_images
-from detkit.testing import digits_batch
+from detkit.testing import digits_batch, save_detector_checkpoint
 
 SMALL = (100, 60)  # (h, w): portrait, so a landscape LARGE pads it wider in a batch
 LARGE = (512, 1024)
@@ -25,13 +24,7 @@ def _checkpoint(path: Path, model_name: str) -> Path:
     """Random weights of ``model_name`` with its composed config, as a checkpoint holds them."""
     torch.manual_seed(0)
     cfg = compose_config("train", [f"model={model_name}", "data=digits"])
-    model = instantiate(cfg.model).eval()
-    config = OmegaConf.to_container(cfg, resolve=False)
-    config["paths"] = {"cache_dir": str(path.parent), "output_dir": str(path.parent)}
-    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "detkit_config": config}, path)
-    return path
+    return save_detector_checkpoint(path, instantiate(cfg.model).eval(), cfg)
 
 
 def _write_image(path: Path, size: tuple[int, int], seed: int) -> Path:

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from detkit.config import compose_config
 from detkit.export.verify import sample_images
-from detkit.testing import calibrate_random_weights
+from detkit.testing import calibrate_random_weights, save_detector_checkpoint
 
 SIZE = (256, 256)
 
@@ -68,18 +67,7 @@ def make_batches(model) -> dict[str, torch.Tensor]:
 def tiny_checkpoint(path: Path, model_name: str) -> Path:
     """A Lightning-style checkpoint ``{"state_dict": {"model." + k: v}, "detkit_config"}``."""
     model, cfg = build_model(model_name)
-    return save_checkpoint(path, model, cfg)
-
-
-def save_checkpoint(path: Path, model, cfg) -> Path:
-    """``model`` and its composed ``cfg`` (resolved, paths in ``path``'s folder) as
-    :func:`tiny_checkpoint` writes them."""
-    config = OmegaConf.to_container(cfg, resolve=False)
-    config["paths"] = {"cache_dir": str(path.parent), "output_dir": str(path.parent)}
-    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "detkit_config": config}, path)
-    return path
+    return save_detector_checkpoint(path, model, cfg)
 
 
 @pytest.fixture(scope="session")

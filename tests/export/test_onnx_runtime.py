@@ -21,6 +21,7 @@ from detkit import cli
 from detkit.engine.predict import predict_images
 from detkit.errors import UserError
 from detkit.export import OnnxDetector, compare_detections, export_onnx, load_onnx_detector
+from detkit.testing import save_detector_checkpoint
 
 GENUINE_TRANSFORMS = {"_target_": "detkit.data.transforms.ssd_eval", "size": 256}
 
@@ -175,7 +176,7 @@ def exported_family(request, helpers, digits_root, tmp_path_factory):
     data = (f"data.root={digits_root}", "data.n_train=0", "data.n_val=8")
     model, cfg = helpers.build_model(request.param, data)
     helpers.calibrate(model)
-    ckpt = helpers.save_checkpoint(root / "model.ckpt", model, cfg)
+    ckpt = save_detector_checkpoint(root / "model.ckpt", model, cfg)
     export = ["export", f"ckpt={ckpt}", "verify=false", f"hydra.run.dir={root / 'export'}"]
     assert cli.main(export) == 0
     return ckpt, root / "export" / "model.onnx"

@@ -276,12 +276,8 @@ def _read_manifest(manifest: Path) -> dict | None:
 
 
 def _manifest_matches(manifest: Path, params: dict, paths: dict[str, Path]) -> bool:
-    try:
-        if json.loads(manifest.read_text()) != params:
-            return False
-    except (OSError, ValueError):
-        return False
-    return all(paths[f"{s}_ann"].is_file() for s in SPLITS)
+    built = _read_manifest(manifest)
+    return built == params and all(paths[f"{s}_ann"].is_file() for s in SPLITS)
 
 
 class DigitsDetection(COCODetection):
