@@ -68,10 +68,7 @@ class MultiBoxLoss(nn.Module):
         # Labels shift by one here: class c is logit c + 1, logit 0 is background.
         cls_target = torch.zeros(positive.shape, dtype=torch.int64, device=cls_logits.device)
         cls_target[batch_idx, prior_idx] = gt.labels[batch_idx, gt_idx] + 1
-        num_logits = cls_logits.shape[-1]
-        conf_loss = F.cross_entropy(
-            cls_logits.reshape(-1, num_logits).float(), cls_target.view(-1), reduction="none"
-        ).view(positive.shape)
+        conf_loss = per_prior_cross_entropy(cls_logits.float(), cls_target)
         negative = self.negative_sampler(conf_loss.detach(), positive) & (match.labels == 0)
 
         matched_boxes = gt.boxes[batch_idx, gt_idx]
@@ -93,3 +90,25 @@ class MultiBoxLoss(nn.Module):
             "box_regression": self.alpha * loc_loss / num_matched,
             "classification": (conf_loss * selected).sum() / num_matched,
         }
+
+
+# Below this many classes the softmax runs along the priors (see per_prior_cross_entropy).
+FEW_CLASSES = 16
+
+
+def per_prior_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Softmax cross-entropy ``[B, P]`` of ``logits [B, P, C]`` against class indices
+    ``target [B, P]``.
+
+    PyTorch's CPU softmax over the last axis vectorises along that axis: with fewer classes
+    than a vector holds (16 floats with AVX-512) it runs scalar, 5x slower than over the
+    priors axis (digits SSD, 8 x 6112 priors x 11 logits, forward + backward: 7.4 against
+    1.5 ms, 2 cores; the same bits). With more classes the last axis is faster (21: even;
+    91: 99 against 176 ms at 32 x 8732), so only few-class heads take the priors axis.
+    """
+    if logits.shape[-1] <= FEW_CLASSES:
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    num_logits = logits.shape[-1]
+    return F.cross_entropy(
+        logits.reshape(-1, num_logits), target.reshape(-1), reduction="none"
+    ).view(target.shape)

@@ -136,6 +136,43 @@ def test_zoom_out_fills_with_mean_and_shifts_boxes():
     np.testing.assert_allclose(moved[0], [left / w, top / h, (left + 50) / w, (top + 40) / h])
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype", "fill"),
+    [
+        ((40, 50, 3), np.uint8, (123.675, 116.28, 103.53)),  # fractional: truncated as numpy casts
+        ((40, 50, 1), np.uint8, (7, 8, 9)),
+        ((40, 50, 4), np.uint8, (1, 2, 3, 4)),
+        ((40, 50, 3), np.float32, (0.25, 0.5, 0.75)),
+        ((40, 50, 3), np.uint16, (1000, 2000, 3000)),
+        ((40, 50, 5), np.uint8, (1, 2, 3, 4, 5)),  # more channels than OpenCV fills
+        ((40, 50, 3), np.float64, (0.1, 0.2, 0.3)),
+    ],
+)
+def test_zoom_out_canvas_equals_a_filled_array(shape, dtype, fill):
+    """The canvas is the image pasted into an array filled with ``fill`` cast to the image's
+    dtype, whatever the channels and dtype (OpenCV fills up to 4 channels; more fall back)."""
+    zoom = ZoomOut(max_scale=3.0, fill=fill, p=1.0)
+    zoom.set_random_seed(5)
+    rng = np.random.default_rng(0)
+    image = (rng.random(shape) * 200).astype(dtype)
+    params = zoom.get_params_dependent_on_data({"shape": image.shape}, {})
+    out = zoom.apply(image[:, ::-1] if shape[2] == 3 else image, **params)  # a strided view too
+    expected = np.empty((*params["canvas"], shape[2]), dtype)
+    expected[:] = np.asarray(fill[: shape[2]], np.float32).astype(dtype)
+    top, left = params["offset"]
+    expected[top : top + shape[0], left : left + shape[1]] = (
+        image[:, ::-1] if shape[2] == 3 else image
+    )
+    assert out.dtype == dtype and out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_zoom_out_fill_shorter_than_the_channels_is_refused():
+    zoom = ZoomOut(fill=(1, 2, 3), p=1.0)
+    with pytest.raises(ValueError, match="fill has 3 values for an image of 4 channels"):
+        zoom.apply(np.zeros((8, 8, 4), np.uint8), canvas=(10, 10), offset=(1, 1))
+
+
 def test_builders_accept_hydra_lists():
     cfg = OmegaConf.create({"size": [64, 96], "mean": [1, 2, 3], "ious": [0.5, 0.7]})
     pipeline = T.ssd_train(cfg.size, mean=cfg.mean, min_ious=cfg.ious)
