@@ -7,10 +7,10 @@ backward needs), whose backward passes are the ops ``detkit::_roi_align_backward
 ``detkit::_roi_pool_backward``. Paths:
 
 - CPU (and any device without a Triton kernel): torchvision's compiled kernels, except RoI
-  Align's backward with a fixed ``sampling_ratio`` on the CPU, which is one sparse matrix
-  product (:mod:`detkit.ops.roi_cpu`, equal up to float32 summation order). float16 and
-  bfloat16 are computed in float32 and cast back (torchvision's CPU kernels compute float16 in
-  float16 and reject bfloat16).
+  Align with a fixed ``sampling_ratio`` on the CPU, whose forward is a weighted sum of feature
+  rows per bin and whose backward one sparse matrix product (:mod:`detkit.ops.roi_cpu`, equal
+  up to float32 summation order). float16 and bfloat16 are computed in float32 and cast back
+  (torchvision's CPU kernels compute float16 in float16 and reject bfloat16).
 - CUDA: the Triton kernels of :mod:`detkit.ops.kernels.roi`, when triton is installed.
 - Fake impls for ``torch.compile(fullgraph=True)``/``torch.export``; autograd through
   ``torch.library.register_autograd``; ONNX translations in :data:`ROI_ONNX_TRANSLATIONS`.
@@ -25,7 +25,7 @@ import torchvision  # noqa: F401  (registers the torchvision:: kernels the CPU p
 from torch import Tensor
 
 from detkit.ops._library import NAMESPACE, have_triton, register_triton_cuda, upcast_float32
-from detkit.ops.roi_cpu import roi_align_backward_sparse
+from detkit.ops.roi_cpu import roi_align_backward_sparse, roi_align_forward_rows
 
 __all__ = ["ROI_ONNX_TRANSLATIONS", "as_output_size", "as_rois", "roi_align", "roi_pool"]
 
@@ -88,7 +88,10 @@ def _roi_align_op(
     aligned: bool,
 ) -> Tensor:
     x = upcast_float32(input)
-    out = torch.ops.torchvision.roi_align(
+    forward = torch.ops.torchvision.roi_align
+    if x.device.type == "cpu" and sampling_ratio > 0:
+        forward = roi_align_forward_rows  # the same values, several times faster
+    out = forward(
         x, rois.to(x.dtype), spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
     )
     return out.to(input.dtype)

@@ -42,18 +42,39 @@ def test_roi_align_forward_backward_equal_torchvision(aligned, sampling_ratio, s
     args = ((5, 4), spatial_scale, sampling_ratio, aligned)
     ours = roi_align(x, rois, *args)
     ref = tvops.roi_align(x, rois, *args)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     grad = torch.randn_like(ref)
     (ours_grad,) = torch.autograd.grad(ours, x, grad)
     (ref_grad,) = torch.autograd.grad(ref, x, grad)
-    if sampling_ratio <= 0:  # torchvision's own kernel: bit for bit
+    if sampling_ratio <= 0:  # torchvision's own kernels: bit for bit
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
         torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=0)
-    else:  # the sparse product adds the same taps in another order
+    else:  # weighted row sums and the sparse product add the same taps in another order
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-5)
         x64, rois64, grad64 = x.detach().double().requires_grad_(True), rois.double(), grad.double()
-        (ours64,) = torch.autograd.grad(roi_align(x64, rois64, *args), x64, grad64)
-        (ref64,) = torch.autograd.grad(tvops.roi_align(x64, rois64, *args), x64, grad64)
+        out64, ref_out64 = roi_align(x64, rois64, *args), tvops.roi_align(x64, rois64, *args)
+        torch.testing.assert_close(out64, ref_out64, rtol=0, atol=1e-12)
+        (ours64,) = torch.autograd.grad(out64, x64, grad64)
+        (ref64,) = torch.autograd.grad(ref_out64, x64, grad64)
         torch.testing.assert_close(ours64, ref64, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_roi_align_forward_over_several_chunks_equals_torchvision(layout, batch):
+    """More RoIs than one chunk of the CPU forward holds (256 channels x 7 x 7 bins), one image
+    (whose NHWC view of NCHW features is strided) or several, NCHW or channels-last features:
+    torchvision's values, in float64."""
+    x = torch.randn(batch, 256, 10, 13, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = torch.cat([random_rois(70, batch, 10, 13, 1 / 8), edge_rois(10, 13)]).double()
+    rois[:, 0] = rois[:, 0].clamp(max=batch - 1)
+    ours = roi_align(x, rois, 7, 1 / 8, 2, False)
+    assert ours.is_contiguous()
+    torch.testing.assert_close(
+        ours, tvops.roi_align(x, rois, 7, 1 / 8, 2, False), rtol=0, atol=1e-12
+    )
 
 
 def test_roi_align_sparse_backward_on_a_detector_sized_input():
