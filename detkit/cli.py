@@ -100,10 +100,12 @@ def check_hydra_settings(config_name: str, hydra_argv: list[str]) -> None:
 
     from detkit.allowlist import check_hydra_node
 
+    parser = get_args_parser()
+    parser.error = _raise_option_error  # one line here, not argparse's usage block (twice)
     try:
-        args = get_args_parser().parse_args(hydra_argv)
-    except SystemExit:  # argparse has printed its usage line; Hydra will again
-        return
+        args = parser.parse_args(hydra_argv)
+    except OptionError as err:
+        _fail(f"error: {err} (overrides are key=value; see `detkit {config_name} --help`)", code=2)
     if args.help or args.hydra_help or args.shell_completion:
         return  # these print the config and exit: nothing in it runs
     # The search path hydra.main builds: the packaged configs, then --config-dir's.
@@ -184,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else 1
     return 0
+
+
+class OptionError(ValueError):
+    """A command-line option the Hydra app does not know, or a malformed one."""
+
+
+def _raise_option_error(message: str):
+    raise OptionError(message)
 
 
 def _fail(message: str, code: int) -> None:

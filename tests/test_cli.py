@@ -20,6 +20,21 @@ def test_unknown_command_is_named(capsys):
     assert "unknown command 'fly'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["train", "--foo"], "unrecognized arguments: --foo"),
+        (["eval", "--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus'"),
+    ],
+)
+def test_unknown_or_malformed_options_are_one_line(capsys, argv, named):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "usage" not in captured.err
+    assert f"detkit {argv[0]} --help" in lines[0]
+
+
 def test_eval_without_inputs_says_what_is_missing(capsys, tmp_path):
     code = cli.main(["eval", f"hydra.run.dir={tmp_path}"])
     assert code == 1

@@ -305,9 +305,8 @@ def check_against_pytorch(
         images = sample_images(batch, wrapper.image_size, seed=100 + seed)
         got = session.run(None, {"images": images.numpy()})
         total = total.merge(compare_outputs(wrapper, images, got, tolerance))
-    message = f"onnxruntime vs PyTorch: {total.summary()}"
-    print(message)
-    log.info(message)
+    # Logged, not also printed: the commands' logging prints INFO on the console already.
+    log.info("onnxruntime vs PyTorch: %s", total.summary())
     if not total.ok(tolerance):
         raise ExportCheckError(
             f"{onnx_path}: ONNX Runtime disagrees with PyTorch beyond tolerance {tolerance}: "

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.matching import match_priors
+from detkit.models.softmax import per_prior_cross_entropy
 from detkit.ops import giou_loss
 from detkit.structures import PaddedTargets, with_padding_slot
 
@@ -90,25 +91,3 @@ class MultiBoxLoss(nn.Module):
             "box_regression": self.alpha * loc_loss / num_matched,
             "classification": (conf_loss * selected).sum() / num_matched,
         }
-
-
-# Below this many classes the softmax runs along the priors (see per_prior_cross_entropy).
-FEW_CLASSES = 16
-
-
-def per_prior_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Softmax cross-entropy ``[B, P]`` of ``logits [B, P, C]`` against class indices
-    ``target [B, P]``.
-
-    PyTorch's CPU softmax over the last axis vectorises along that axis: with fewer classes
-    than a vector holds (16 floats with AVX-512) it runs scalar, 5x slower than over the
-    priors axis (digits SSD, 8 x 6112 priors x 11 logits, forward + backward: 7.4 against
-    1.5 ms, 2 cores; the same bits). With more classes the last axis is faster (21: even;
-    91: 99 against 176 ms at 32 x 8732), so only few-class heads take the priors axis.
-    """
-    if logits.shape[-1] <= FEW_CLASSES:
-        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    num_logits = logits.shape[-1]
-    return F.cross_entropy(
-        logits.reshape(-1, num_logits), target.reshape(-1), reduction="none"
-    ).view(target.shape)

@@ -64,6 +64,17 @@ def test_predict_with_onnx_equals_predict_with_checkpoint(exported, tmp_path):
         assert result.max_box_diff < 1e-3 and result.max_score_diff < 1e-5
 
 
+def test_the_check_is_logged_once_and_not_printed(exported, capsys, caplog):
+    """The commands' logging prints INFO on the console: a print as well showed it twice."""
+    _, ckpt, out = exported
+    model, _ = load_detector(ckpt)
+    wrapper = export_wrapper(model, (256, 256), nms=False)
+    with caplog.at_level("INFO", logger="detkit"):
+        check_against_pytorch(wrapper, out / "model.onnx", True, 1e-3)
+    assert "onnxruntime vs PyTorch" not in capsys.readouterr().out
+    assert [r.getMessage().startswith("onnxruntime vs PyTorch") for r in caplog.records] == [True]
+
+
 def test_disagreeing_graph_fails_the_check(exported):
     _, ckpt, out = exported
     model, _ = load_detector(ckpt)

@@ -10,7 +10,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from detkit.matching import DeltaXYWHCoder, HardNegativeSampler, SSDMatcher
 from detkit.models.heads.ssd import SSDOutput
-from detkit.models.losses import FEW_CLASSES, MultiBoxLoss, per_prior_cross_entropy
+from detkit.models.losses import MultiBoxLoss
+from detkit.models.softmax import VECTOR_CLASSES
 from detkit.structures import pad_targets
 
 
@@ -59,7 +60,7 @@ def _torchvision_loss(targets, cls_logits, box_deltas, priors):
     return TorchvisionSSD.compute_loss(fake_self, tv_targets, head, anchors, matched)
 
 
-@pytest.mark.parametrize("num_logits", [4, FEW_CLASSES + 5])  # each softmax layout
+@pytest.mark.parametrize("num_logits", [4, VECTOR_CLASSES + 5])  # each softmax layout
 def test_loss_equals_torchvision_compute_loss(num_logits):
     priors = _priors()
     targets = _targets()
@@ -70,24 +71,6 @@ def test_loss_equals_torchvision_compute_loss(num_logits):
     assert set(ours) == {"box_regression", "classification"}
     for key, their_key in (("box_regression", "bbox_regression"), ("classification",) * 2):
         torch.testing.assert_close(ours[key], theirs[their_key], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("num_logits", [2, 11, FEW_CLASSES, FEW_CLASSES + 1, 91])
-def test_per_prior_cross_entropy_and_its_gradient_are_torchs_row_by_row(num_logits):
-    """Either softmax layout gives F.cross_entropy of each prior's row, forward and backward."""
-    generator = torch.Generator().manual_seed(num_logits)
-    logits = (3 * torch.randn(4, 50, num_logits, generator=generator)).requires_grad_()
-    target = torch.randint(0, num_logits, (4, 50), generator=generator)
-    weights = torch.rand(4, 50, generator=generator)
-    ours = per_prior_cross_entropy(logits, target)
-    (grad,) = torch.autograd.grad((ours * weights).sum(), logits)
-    rows = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, num_logits), target.reshape(-1), reduction="none"
-    ).view(4, 50)
-    (row_grad,) = torch.autograd.grad((rows * weights).sum(), logits)
-    assert ours.shape == (4, 50)
-    torch.testing.assert_close(ours, rows, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad, row_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_giou_box_loss_is_torchvisions_giou_loss_of_the_decoded_matched_boxes():

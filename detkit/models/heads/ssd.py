@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from detkit.models.softmax import per_prior_softmax
 
 
 class SSDOutput(NamedTuple):
@@ -71,4 +72,4 @@ class SSDHead(nn.Module):
     @staticmethod
     def scores(outputs: SSDOutput) -> Tensor:
         """Class scores ``[B, P, C]``: softmax over ``C + 1`` without the background column."""
-        return F.softmax(outputs.class_logits.float(), dim=-1)[..., 1:]
+        return per_prior_softmax(outputs.class_logits.float())[..., 1:]
