@@ -93,7 +93,10 @@ _OPT_IN_HINT = f"to allow your own code, set {ALLOWED_TARGETS_ENV}=name,package.
 
 
 class RefusedTarget(UserError):
-    """A ``_target_`` outside the allow-list (or not a name at all)."""
+    """A ``_target_`` outside the allow-list (or not a name at all); ``target`` is the refused
+    value when the refusal names one."""
+
+    target: object = None
 
 
 def user_allowed(name: str) -> bool:
@@ -175,9 +178,11 @@ def checked(node, source: str, where: str = ""):
         try:
             out["_target_"] = allowed_target(node["_target_"])
         except RefusedTarget as err:
-            raise RefusedTarget(
+            refused = RefusedTarget(
                 f"{source}: refused _target_ {node['_target_']!r} at {where or 'the top'}: {err}"
-            ) from None
+            )
+            refused.target = node["_target_"]
+            raise refused from None
     return out
 
 

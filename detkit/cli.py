@@ -105,7 +105,12 @@ def check_hydra_settings(config_name: str, hydra_argv: list[str]) -> None:
     try:
         args = parser.parse_args(hydra_argv)
     except OptionError as err:
-        _fail(f"error: {err} (overrides are key=value; see `detkit {config_name} --help`)", code=2)
+        message, hint = str(err), f"see `detkit {config_name} --help`"
+        unrecognized = message.partition("unrecognized arguments: ")[2].split()
+        if any("=" in arg and not arg.startswith("-") for arg in unrecognized):
+            # argparse takes the overrides before the first option, then refuses the rest
+            hint = f"options go before the key=value overrides; {hint}"
+        _fail(f"error: {message} ({hint})", code=2)
     if args.help or args.hydra_help or args.shell_completion:
         return  # these print the config and exit: nothing in it runs
     # The search path hydra.main builds: the packaged configs, then --config-dir's.

@@ -55,6 +55,33 @@ def search_path_overrides(cwd: str | os.PathLike | None = None) -> list[str]:
     return [f"hydra.searchpath=[{entries}]"]
 
 
+def written_where(value: str) -> str:
+    """Where the running Hydra app's config got ``value``, for a refusal (Hydra's composition
+    keeps no file per key): `` (from the command line: key=value)``, `` (in FILE)`` for the
+    first of the user's config files holding it (``--config-dir``, ``./configs``,
+    ``$DETKIT_CONFIG_PATH``; not detkit's own), or ``""`` if neither holds it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    hydra = HydraConfig.get()
+    for override in hydra.overrides.task:
+        if value in override:
+            return f" (from the command line: {override})"
+    packaged = CONFIG_DIR.resolve()
+    for source in hydra.runtime.config_sources:
+        folder = Path(source.path)
+        if source.schema != "file" or not folder.is_dir() or folder.resolve() == packaged:
+            continue
+        for path in sorted(folder.rglob("*.yaml")):
+            try:
+                if value in path.read_text(encoding="utf-8", errors="replace"):
+                    return f" (in {path})"
+            except OSError:
+                continue
+    return ""
+
+
 def compose_config(config_name: str = "train", overrides: list[str] | tuple = ()) -> DictConfig:
     """The composed config of a command (``train``, ``eval``, ...) without a Hydra run, as
     tests, benchmarks and notebooks want it (``${hydra:...}`` paths stay unresolved)."""

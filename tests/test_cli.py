@@ -25,6 +25,10 @@ def test_unknown_command_is_named(capsys):
     [
         (["train", "--foo"], "unrecognized arguments: --foo"),
         (["eval", "--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus'"),
+        (
+            ["train", "hydra.run.dir=x", "--config-dir", ".", "experiment=mine"],
+            "unrecognized arguments: experiment=mine (options go before the key=value overrides",
+        ),
     ],
 )
 def test_unknown_or_malformed_options_are_one_line(capsys, argv, named):
@@ -122,3 +126,22 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, capsys):
         f"{blocker} is not a directory\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing left behind
+
+
+@pytest.mark.parametrize("source", ["config-dir", "command line"])
+def test_a_refused_target_names_the_file_or_override_it_came_from(source, tmp_path, capsys):
+    """Hydra composes the user's YAML before detkit sees it; the refusal still names it."""
+    args = ["train"]
+    if source == "config-dir":
+        (tmp_path / "experiment").mkdir()
+        mine = tmp_path / "experiment" / "mine.yaml"
+        mine.write_text("# @package _global_\nmodel:\n  backbone:\n    _target_: os.system\n")
+        args += ["--config-dir", str(tmp_path), "experiment=mine"]
+        origin = f"(in {mine})"
+    else:
+        args += ["model.backbone._target_=os.system"]
+        origin = "(from the command line: model.backbone._target_=os.system)"
+    assert cli.main([*args, f"hydra.run.dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"the train config {origin}: refused _target_ 'os.system' at model.backbone" in err

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from detkit.allowlist import checked
-from detkit.config import safe_instantiate  # configs are data: allow-listed targets only
+from detkit.allowlist import RefusedTarget, checked
+from detkit.config import safe_instantiate, written_where  # configs are data: allow-listed targets
 from detkit.data.splits import build_split
 from detkit.engine.callbacks import InterruptCheckpoint, ResumeState
 from detkit.engine.checkpoint import check_resume_checkpoint, check_resume_fits
@@ -119,7 +119,15 @@ def check_class_count(model, datamodule) -> None:
 def check_train_inputs(cfg: DictConfig) -> None:
     """Refuse, before anything is built, targets outside the allow-list anywhere in the config
     (each build checks its own part again) and a ``ckpt_path`` holding pickled objects."""
-    checked(OmegaConf.to_container(cfg, resolve=True), "the train config")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        checked(config, "the train config")
+    except RefusedTarget as err:
+        origin = written_where(err.target) if isinstance(err.target, str) else ""
+        if not origin:
+            raise
+        checked(config, f"the train config{origin}")  # the same refusal, naming its file
+        raise
     check_resume_checkpoint(cfg.get("ckpt_path"))
 
 
