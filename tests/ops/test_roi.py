@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision.ops as tvops
 
-from detkit.ops import roi_align, roi_pool
+from detkit.ops import roi_align, roi_cpu, roi_pool
 
 
 def random_rois(num, num_images, height, width, spatial_scale=1.0, seed=0):
@@ -59,12 +59,18 @@ def test_roi_align_forward_backward_equal_torchvision(aligned, sampling_ratio, s
         torch.testing.assert_close(ours64, ref64, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("block_rois", [None, 40, 100])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_roi_align_forward_over_several_chunks_equals_torchvision(layout, batch):
-    """More RoIs than one chunk of the CPU forward holds (256 channels x 7 x 7 bins), one image
+def test_roi_align_forward_over_several_chunks_equals_torchvision(
+    layout, batch, block_rois, monkeypatch
+):
+    """More RoIs than one chunk of the CPU forward holds (256 channels x 7 x 7 bins: 31), in
+    one block of taps or several (a block of 40 holds one chunk, of 100 three), one image
     (whose NHWC view of NCHW features is strided) or several, NCHW or channels-last features:
     torchvision's values, in float64."""
+    if block_rois is not None:
+        monkeypatch.setattr(roi_cpu, "_BLOCK_ROIS", block_rois)
     x = torch.randn(batch, 256, 10, 13, dtype=torch.float64)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
