@@ -73,13 +73,28 @@ def written_where(value: str) -> str:
         folder = Path(source.path)
         if source.schema != "file" or not folder.is_dir() or folder.resolve() == packaged:
             continue
-        for path in sorted(folder.rglob("*.yaml")):
+        for path in _yaml_files(folder):
             try:
                 if value in path.read_text(encoding="utf-8", errors="replace"):
                     return f" (in {path})"
             except OSError:
                 continue
     return ""
+
+
+def _yaml_files(folder: Path, limit: int = 2000):
+    """The ``.yaml`` files under ``folder``, sorted per directory, at most ``limit`` entries
+    looked at (a config dir given as ``.`` or ``/`` must not walk the whole disk)."""
+    seen = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            seen += 1
+            if seen > limit:
+                return
+            if name.endswith(".yaml"):
+                yield Path(root) / name
+        seen += len(dirs)
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | tuple = ()) -> DictConfig:
