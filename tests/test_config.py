@@ -114,9 +114,9 @@ def test_train_refuses_a_users_yaml_naming_builtins_before_building_anything(
     capsys.readouterr()
     assert cli.main(args) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "detkit: error: the train config: refused _target_ 'builtins.open' at logger.evil: it is "
-        "not on detkit's allow-list (to allow your own code, set "
-        "DETKIT_ALLOWED_TARGETS=name,package.*)"
+        f"detkit: error: the train config (in {experiments / 'evil.yaml'}): refused _target_ "
+        "'builtins.open' at logger.evil: it is not on detkit's allow-list (to allow your own "
+        "code, set DETKIT_ALLOWED_TARGETS=name,package.*)"
     ]
     assert not marker.exists()
     assert not digits.exists()  # refused before the dataset was built
