@@ -24,7 +24,13 @@ import torch
 import torchvision  # noqa: F401  (registers the torchvision:: kernels the CPU path calls)
 from torch import Tensor
 
-from detkit.ops._library import NAMESPACE, have_triton, register_triton_cuda, upcast_float32
+from detkit.ops._library import (
+    NAMESPACE,
+    eager_cpu,
+    have_triton,
+    register_triton_cuda,
+    upcast_float32,
+)
 from detkit.ops.roi_cpu import roi_align_backward_sparse, roi_align_forward_rows
 
 __all__ = ["ROI_ONNX_TRANSLATIONS", "as_output_size", "as_rois", "roi_align", "roi_pool"]
@@ -57,7 +63,24 @@ def as_rois(boxes: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
         )
     if rois.device != input.device:
         raise ValueError(f"roi ops: boxes are on {rois.device} but input is on {input.device}")
+    _check_batch_index(rois, input.shape[0])
     return rois
+
+
+def _check_batch_index(rois: Tensor, batch_size: int) -> None:
+    """Every RoI's batch index is one of ``input``'s images. torchvision's CPU kernels read
+    outside the features otherwise, and a NaN index wraps to any row. Checked on CPU tensors
+    outside graph capture (a data-dependent check cannot be traced; on a GPU it would wait)."""
+    if not eager_cpu(rois) or rois.shape[0] == 0:
+        return
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < batch_size) & (index == index.floor()))
+    if bad.any():
+        k = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"roi ops: boxes[{k}] has batch index {index[k].item()}, not one of the input's "
+            f"{batch_size} images (0..{batch_size - 1})"
+        )
 
 
 def as_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:

@@ -243,3 +243,13 @@ def test_torch_export_keeps_the_custom_ops():
 def test_bad_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(torch.randn(1, 2, 5, 5))
+
+
+@pytest.mark.parametrize("index", [2.0, -1.0, 0.5, float("nan")])
+@pytest.mark.parametrize("op", [roi_align, roi_pool])
+def test_a_batch_index_outside_the_input_is_named(op, index):
+    """torchvision's CPU kernels read outside the features (a NaN index wraps to any row)."""
+    x = torch.randn(2, 4, 8, 8)
+    rois = torch.tensor([[0.0, 1.0, 1.0, 5.0, 5.0], [index, 1.0, 1.0, 5.0, 5.0]])
+    with pytest.raises(ValueError, match=r"boxes\[1\] has batch index .* 2 images \(0..1\)"):
+        op(x, rois, 2, 1.0)
