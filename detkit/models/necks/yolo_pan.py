@@ -23,6 +23,9 @@ class YOLOPAN(nn.Module):
         out_channels: channels of the output maps; defaults to ``in_channels``.
         depth: bottlenecks in each fusing CSP block.
         bottom_up: add the PANet bottom-up path after the top-down one.
+        top_block: fuse the coarsest map with a CSP block before the top-down path (YOLOv5's
+            neck); False passes it on as it is (YOLOv8's, whose trunk ends in a CSP block or
+            SPPF already). Its output width is then the input's.
         activation: of every convolution (see ``darknet.ACTIVATIONS``; default SiLU).
     """
 
@@ -33,6 +36,7 @@ class YOLOPAN(nn.Module):
         depth: int = 1,
         bottom_up: bool = False,
         activation: str = "silu",
+        top_block: bool = True,
     ) -> None:
         super().__init__()
         in_channels = [int(c) for c in in_channels]
@@ -42,9 +46,18 @@ class YOLOPAN(nn.Module):
                 f"YOLOPAN: need >= 2 levels and one out channel per level, got in_channels="
                 f"{in_channels}, out_channels={out_channels}"
             )
+        if not top_block and out_channels[-1] != in_channels[-1]:
+            raise ValueError(
+                f"YOLOPAN: without top_block the coarsest map keeps its {in_channels[-1]} "
+                f"channels, got out_channels={out_channels}"
+            )
         n = len(in_channels)
         act = {"activation": activation}
-        self.top = CSPBlock(in_channels[-1], out_channels[-1], depth, shortcut=False, **act)
+        self.top = (
+            CSPBlock(in_channels[-1], out_channels[-1], depth, shortcut=False, **act)
+            if top_block
+            else nn.Identity()
+        )
         # Top-down: reduce the coarse map, upsample x2, concat with the finer input, fuse.
         self.reduce = nn.ModuleList()
         self.fuse_down = nn.ModuleList()
