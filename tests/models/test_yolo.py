@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from detkit.matching import (
@@ -66,6 +67,25 @@ def test_backbones_and_neck_give_strides_8_16_32():
     assert CSPDarknet(TINY, out_stages=(4,))(images)[0].shape == (1, 128, 2, 3)
     with pytest.raises(ValueError, match="depths"):
         CSPDarknet(TINY, depths=(1, 1))
+
+
+def test_neck_without_top_block_passes_the_coarsest_map_to_the_top_down_path():
+    torch.manual_seed(0)
+    feats = [torch.rand(1, 16, 8, 8), torch.rand(1, 32, 4, 4)]
+    for bottom_up in (False, True):
+        neck = YOLOPAN([16, 32], bottom_up=bottom_up, depth=0, top_block=False).eval()
+        assert isinstance(neck.top, torch.nn.Identity)
+        with torch.no_grad():
+            outs = neck(feats)
+            finer = neck.fuse_down[0](
+                torch.cat((F.interpolate(neck.reduce[0](feats[1]), size=(8, 8)), feats[0]), 1)
+            )
+        assert [tuple(o.shape[1:]) for o in outs] == [(16, 8, 8), (32, 4, 4)]
+        assert torch.equal(outs[0], finer)
+        if not bottom_up:  # the coarsest map comes out untouched
+            assert torch.equal(outs[1], feats[1])
+    with pytest.raises(ValueError, match="without top_block the coarsest map keeps its 32"):
+        YOLOPAN([16, 32], [16, 24], top_block=False)
 
 
 def test_patch_stem_sees_each_4x4_patch_once_and_gives_strides_8_16_32():
@@ -300,8 +320,11 @@ THREE_BY_THREE_STEM = [
     "model.backbone.depths=[1,1,1,1]",
     "model.backbone.out_stages=[2,3,4]",
     "model.backbone.activation=silu",
+    "model.backbone.spp=true",
     "model.neck.in_channels=[64,96,128]",
     "model.neck.depth=1",
+    "model.neck.top_block=true",
+    "model.prior_generator.strides=[8,16,32]",
 ]
 
 
@@ -324,12 +347,13 @@ def test_configs_compose_and_instantiate(overrides, num_classes, size, head):
     assert model.num_classes == num_classes and model.image_size == (size, size)
     assert cfg.transforms.train.size == size
     if overrides[0] == "experiment=digits_yolo":
-        assert cfg.model.prior_generator.strides == [8, 16, 32]
+        levels = 3 if head is YOLOv3Head or "model.backbone.out_stages=[2,3,4]" in overrides else 2
+        assert cfg.model.prior_generator.strides == [8, 16, 32][:levels]
         assert cfg.transforms.train.flip_p == 0.0
         out = model(torch.rand(1, 3, 64, 64), [_target([[4, 6, 30, 40]], [7])])
         assert torch.isfinite(out.loss)
         maps = model.backbone(torch.rand(1, 3, 64, 64))
-        assert [tuple(m.shape[-2:]) for m in maps] == [(8, 8), (4, 4), (2, 2)]
+        assert [tuple(m.shape[-2:]) for m in maps] == [(8, 8), (4, 4), (2, 2)][:levels]
     if overrides[0] == "experiment=digits_yolo" and head is YOLOv8Head:
         # the neck and head follow the backbone's activation
         wanted = (
