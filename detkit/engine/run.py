@@ -119,15 +119,15 @@ def check_class_count(model, datamodule) -> None:
 def check_train_inputs(cfg: DictConfig) -> None:
     """Refuse, before anything is built, targets outside the allow-list anywhere in the config
     (each build checks its own part again) and a ``ckpt_path`` holding pickled objects."""
-    config = OmegaConf.to_container(cfg, resolve=True)
+    source = "the train config"
     try:
-        checked(config, "the train config")
+        checked(OmegaConf.to_container(cfg, resolve=True), source)
     except RefusedTarget as err:
         origin = written_where(err.target) if isinstance(err.target, str) else ""
         if not origin:
             raise
-        checked(config, f"the train config{origin}")  # the same refusal, naming its file
-        raise
+        # The same refusal, naming the file or override the value came from.
+        raise RefusedTarget(str(err).replace(source, source + origin, 1)) from None
     check_resume_checkpoint(cfg.get("ckpt_path"))
 
 
