@@ -44,7 +44,7 @@ from torch import Tensor
 from detkit.ops._library import NAMESPACE, eager_cpu, register_triton_cuda, upcast_float32
 from detkit.ops.boxes import box_iou
 from detkit.ops.nms_grouped import promote
-from detkit.ops.nms_multiclass import cpu_keep, multiclass_select
+from detkit.ops.nms_multiclass import cpu_select
 
 # torchvision's CPU batched_nms switches from the offset trick to a per-class loop here.
 _TORCHVISION_OFFSET_TRICK_MAX_NUMEL = 4000
@@ -154,16 +154,10 @@ def _multiclass_nms_op(
     pre_nms_top_k: int | None,
     per_class_top_k: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return multiclass_select(
-        boxes,
-        scores,
-        score_threshold,
-        iou_threshold,
-        max_detections,
-        pre_nms_top_k,
+    return cpu_select(
+        boxes, scores, score_threshold, iou_threshold, max_detections, pre_nms_top_k,
         per_class_top_k,
-        cpu_keep,
-    )
+    )  # fmt: skip
 
 
 @_multiclass_nms_op.register_fake
@@ -247,7 +241,7 @@ def multiclass_nms(
         # Selection is not differentiable (the op has no autograd formula either): detached,
         # a predict_padded run with autograd on reads its candidates' values without a warning.
         boxes, scores = boxes.detach(), scores.detach()
-        return multiclass_select(boxes, scores, *args, pre_nms_top_k, per_class_top_k, cpu_keep)
+        return cpu_select(boxes, scores, *args, pre_nms_top_k, per_class_top_k)
     return _multiclass_nms_op(boxes, scores, *args, pre_nms_top_k, per_class_top_k)
 
 

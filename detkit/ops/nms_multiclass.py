@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from detkit.ops.nms_dense import dense_select
 from detkit.ops.nms_grouped import (
     Windows,
     greedy_keep,
@@ -344,3 +345,20 @@ def multiclass_select(
     mask = candidate_mask(scores, score_threshold, per_class_top_k, pre_nms_top_k)
     cands = enumerate_candidates(boxes, scores, mask)
     return select_top(cands, keep_fn(cands, iou_threshold), max_detections)
+
+
+def cpu_select(
+    boxes: Tensor,
+    scores: Tensor,
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_top_k: int | None,
+    per_class_top_k: int | None,
+):
+    """The CPU selection: the dense table for few candidates (:mod:`detkit.ops.nms_dense`),
+    else the general engine with :func:`cpu_keep`."""
+    boxes, scores = promote(boxes, scores)
+    args = (score_threshold, iou_threshold, max_detections, pre_nms_top_k, per_class_top_k)
+    few = dense_select(boxes.contiguous(), scores, *args)
+    return few if few is not None else multiclass_select(boxes, scores, *args, cpu_keep)
