@@ -8,8 +8,9 @@ keeps both sides under the same load); the load average is printed with them.
 200 detections) runs on three score distributions, from about 1% to about 40% of the
 (box, class) pairs above the threshold, with torchvision SSD's per-class top 400 against
 torchvision's SSD post-processing run per image, and without per-class top-k against a
-per-image ``torchvision.ops.batched_nms`` loop. Each row says whether the detections are
-identical (equal scores may come in any order).
+per-image ``torchvision.ops.batched_nms`` loop; and on one image of trained scores (small
+and COCO-sized heads) against that image's ``batched_nms``. Each row says whether the
+detections are identical (equal scores may come in any order).
 
 Usage: python tools/bench_ops.py [--repeats 7] [--threads N]
 """
@@ -37,15 +38,15 @@ def random_boxes(n: int, size: float = 600.0, *, batch: tuple[int, ...] = ()) ->
     return torch.cat([xy - wh / 2, xy + wh / 2], dim=-1)
 
 
-def trained_scores() -> torch.Tensor:
+def trained_scores(batch: int = BATCH, boxes: int = BOXES, classes: int = CLASSES) -> torch.Tensor:
     """Sigmoid scores like a trained detector: ~1% of pairs above 0.05.
 
     Background logits ~ N(-6, 1.3); 2% of the boxes are objects, with one class ~ N(1, 2).
     """
-    logits = torch.randn(BATCH, BOXES, CLASSES) * 1.3 - 6
-    objects = torch.rand(BATCH, BOXES) < 0.02
-    label = torch.randint(0, CLASSES, (BATCH, BOXES))
-    hot = torch.randn(BATCH, BOXES) * 2 + 1
+    logits = torch.randn(batch, boxes, classes) * 1.3 - 6
+    objects = torch.rand(batch, boxes) < 0.02
+    label = torch.randint(0, classes, (batch, boxes))
+    hot = torch.randn(batch, boxes) * 2 + 1
     current = logits.gather(2, label[..., None])[..., 0]
     logits.scatter_(2, label[..., None], torch.where(objects, hot, current)[..., None])
     return torch.sigmoid(logits)
@@ -109,6 +110,28 @@ def multiclass_rows(repeats: int) -> list[tuple[str, float, float, float]]:
     return rows
 
 
+def one_image_rows(repeats: int) -> list[tuple[str, float, float, float]]:
+    """One image of trained scores (a camera or a service): a small model's 1280 boxes x 10
+    classes (about 130 candidates: the few-candidate table) and a COCO model's 8400 x 80
+    (about 6500: the general engine), against one ``batched_nms`` for the image."""
+    rows = []
+    for boxes_per_image, classes in ((1280, 10), (8400, 80)):
+        boxes = random_boxes(boxes_per_image, batch=(1,))
+        scores = trained_scores(1, boxes_per_image, classes)
+        args = (boxes, scores, SCORE_THRESHOLD, IOU_THRESHOLD, DETECTIONS)
+        ours_fn = lambda a=args: ops.multiclass_nms(*a)  # noqa: E731
+        ref_fn = lambda a=args: batched_nms_loop(*a)  # noqa: E731
+        same = detection_mismatch(ours_fn(), ref_fn(), ties_in_any_order=True) is None
+        label = (
+            f"multiclass 1 image {boxes_per_image}x{classes} "
+            f"{int((scores > SCORE_THRESHOLD).sum())} cand."
+        )
+        ours_ms, ref_ms = interleaved_median_ms(ours_fn, ref_fn, max(repeats, 30))
+        print(f"{label}: identical detections: {same}", flush=True)
+        rows.append((label + ("" if same else " NOT IDENTICAL"), ours_ms, ref_ms, 1.0))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -120,7 +143,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}; load average at start: {os.getloadavg()}")
     torch.manual_seed(0)
-    rows = multiclass_rows(args.repeats)
+    rows = multiclass_rows(args.repeats) + one_image_rows(args.repeats)
 
     a, b = random_boxes(2000), random_boxes(2000)
     assert torch.equal(ops.box_iou(a, b), tv.box_iou(a, b))

@@ -20,6 +20,7 @@ Two exact algorithms, and :func:`pairs_worth_it` to pick one from sizes measured
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ def promote(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     return boxes.to(dtype), scores.to(dtype)
 
 
+@functools.lru_cache(maxsize=64)  # two small tensors and a sync per call otherwise
 def float32_threshold(iou_threshold: float) -> float:
     """The largest float32 ``t32 <= t``: ``iou > t32`` in float32 equals ``iou > t`` exactly.
 
