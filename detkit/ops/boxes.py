@@ -115,14 +115,25 @@ def _iou_out_shape(a: Tensor, b: Tensor) -> list[int]:
     return [*batch, a.shape[-2], b.shape[-2]]
 
 
+def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[..., N, M]`` of float boxes ``[..., N, 4]`` and ``[..., M, 4]`` of one dtype, no
+    checks, no autograd: the arithmetic of ``box_iou``, for engines that call it per batch.
+
+    Each coordinate as a contiguous row, so that every ``[N, M]`` step runs on vectors
+    (strided slices of the boxes do not: 2.5x slower at 2000 x 2000), in place on ``[N, M]``
+    temporaries; torchvision's operations in its order, so the same bits."""
+    ax1, ay1, ax2, ay2 = a.movedim(-1, 0).contiguous()[..., :, None]
+    bx1, by1, bx2, by2 = b.movedim(-1, 0).contiguous()[..., None, :]
+    width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)
+    inter = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0).mul_(width)
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1)
+    return inter.div_(union.sub_(inter))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::box_iou", mutates_args=())
 def _box_iou_op(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     a, b = upcast_float32(boxes1), upcast_float32(boxes2)
-    # In place on [N, M] temporaries: no [N, M, 2] tensors, no strided slices, same bits.
-    width = _pair_extent(a, b, 0, 2).clamp_(min=0)
-    inter = _pair_extent(a, b, 1, 3).clamp_(min=0).mul_(width)
-    union = box_area(a)[..., :, None] + box_area(b)[..., None, :]
-    return inter.div_(union.sub_(inter)).expand(_iou_out_shape(a, b)).contiguous()
+    return pairwise_iou(a, b).expand(_iou_out_shape(a, b)).contiguous()
 
 
 @_box_iou_op.register_fake

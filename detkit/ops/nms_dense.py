@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from detkit.ops.boxes import pairwise_iou
 from detkit.ops.nms_grouped import greedy_keep, iou_threshold_in, take
 
 # Candidates up to which the dense table is the faster (measured on 2 cores, batches of 1 to
@@ -89,14 +90,9 @@ def _suppressions(
     boxes: Tensor, groups: Tensor, visit_rank: Tensor, iou_threshold: float
 ) -> tuple[Tensor, Tensor]:
     """Edges ``(src, dst)``: same group, IoU above the threshold, ``src`` visited first.
-    torchvision's operations, whose result does not depend on which box of the pair is the
-    kept one (``max``, ``min`` and the sum of the areas are symmetric)."""
-    x1, y1, x2, y2 = boxes.T.contiguous().unsqueeze(-1)  # rows contiguous: vectorised
-    area = (x2 - x1) * (y2 - y1)
-    width = torch.minimum(x2, x2.T).sub_(torch.maximum(x1, x1.T)).clamp_(min=0)
-    height = torch.minimum(y2, y2.T).sub_(torch.maximum(y1, y1.T)).clamp_(min=0)
-    inter = width.mul_(height)
-    over = inter.div_((area + area.T).sub_(inter)) > iou_threshold_in(boxes.dtype, iou_threshold)
+    ``pairwise_iou`` has torchvision's operations, whose result does not depend on which box of
+    the pair is the kept one (``max``, ``min`` and the sum of the areas are symmetric)."""
+    over = pairwise_iou(boxes, boxes) > iou_threshold_in(boxes.dtype, iou_threshold)
     over &= visit_rank[:, None] < visit_rank
     over &= groups[:, None] == groups
     return torch.nonzero(over, as_tuple=True)
