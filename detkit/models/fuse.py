@@ -17,6 +17,11 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from detkit.models.pointwise import Pointwise
+
+# The convolutions folded into: their constructor is nn.Conv2d's.
+_CONVS = (nn.Conv2d, Pointwise)
+
 
 def _batch_norm_stats(bn: nn.Module) -> tuple | None:
     """``(running_mean, running_var, eps, weight, bias)`` of an eval-mode BatchNorm2d or a
@@ -34,8 +39,9 @@ def _batch_norm_stats(bn: nn.Module) -> tuple | None:
 
 
 def _folded(conv: nn.Conv2d, stats: tuple) -> nn.Conv2d:
-    """A copy of ``conv`` with the BatchNorm ``stats`` folded into its weight and bias."""
-    fused = nn.Conv2d(
+    """A copy of ``conv`` (of its class) with the BatchNorm ``stats`` folded into its weight
+    and bias."""
+    fused = type(conv)(
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
@@ -110,7 +116,7 @@ def fuse_conv_bn(model: nn.Module) -> int:
         for conv_name, bn_name in _conv_bn_pairs(module):
             conv, bn = getattr(module, conv_name), getattr(module, bn_name)
             stats = _batch_norm_stats(bn)
-            if type(conv) is not nn.Conv2d or stats is None or len(stats[0]) != conv.out_channels:
+            if type(conv) not in _CONVS or stats is None or len(stats[0]) != conv.out_channels:
                 continue
             setattr(module, conv_name, _folded(conv, stats))
             setattr(module, bn_name, nn.Identity())

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.models.pointwise import Pointwise
+
 # The activations a CSP-Darknet model can be built with. SiLU is YOLOv5/v8's; on a CPU it costs
 # 5-8x a ReLU or hard-swish (0.65 ms vs 0.1 ms on 8 x 32 x 64 x 64, 2 cores: its exp), which is
 # 13% of the digits YOLO's inference (5.5 of 40.6 ms for a batch of 8, BatchNorm folded).
@@ -39,16 +41,13 @@ class ConvBNAct(nn.Sequential):
         padding: int | None = None,
         activation: str = "silu",
     ) -> None:
+        padding = kernel // 2 if padding is None else padding
+        # 1x1 convolutions (most of a CSP trunk's and neck's) may run as matrix products.
+        pointwise = (kernel, stride, padding, groups) == (1, 1, 0, 1)
         super().__init__(
-            nn.Conv2d(
-                in_ch,
-                out_ch,
-                kernel,
-                stride=stride,
-                padding=kernel // 2 if padding is None else padding,
-                groups=groups,
-                bias=False,
-            ),  # fmt: skip
+            (Pointwise if pointwise else nn.Conv2d)(
+                in_ch, out_ch, kernel, stride=stride, padding=padding, groups=groups, bias=False
+            ),
             nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.03),
             activation_module(activation),
         )

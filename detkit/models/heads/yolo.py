@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.models.backbones.darknet import ConvBNAct
+from detkit.models.pointwise import Pointwise
 
 
 class YOLOv1Output(NamedTuple):
@@ -79,7 +80,7 @@ class YOLOv1Head(nn.Module):
             ConvBNAct(hidden, hidden, 3, stride=2 if downsample else 1),
             ConvBNAct(hidden, hidden, 3),
         )
-        self.predictor = nn.Conv2d(hidden, num_boxes * 5 + num_classes, 1)
+        self.predictor = Pointwise(hidden, num_boxes * 5 + num_classes, 1)
         nn.init.normal_(self.predictor.weight, std=0.01)
         nn.init.zeros_(self.predictor.bias)
 
@@ -140,7 +141,7 @@ class YOLOv3Head(nn.Module):
         self.num_anchors = [int(a) for a in num_anchors]
         self.num_columns = 5 + self.num_classes
         self.predictors = nn.ModuleList(
-            nn.Conv2d(c, a * self.num_columns, 1)
+            Pointwise(c, a * self.num_columns, 1)
             for c, a in zip(in_channels, self.num_anchors, strict=True)
         )
         bias_value = -math.log((1 - prior_prob) / prior_prob)
@@ -290,6 +291,6 @@ def _branch(kind: str, in_ch: int, hidden: int, out_ch: int, activation: str) ->
             ConvBNAct(in_ch, in_ch, 3, groups=in_ch, **act), ConvBNAct(in_ch, hidden, 1, **act),
             ConvBNAct(hidden, hidden, 3, groups=hidden, **act), ConvBNAct(hidden, hidden, 1, **act),
         ]  # fmt: skip
-    predictor = nn.Conv2d(hidden, out_ch, 1)
+    predictor = Pointwise(hidden, out_ch, 1)
     nn.init.normal_(predictor.weight, std=0.01)
     return nn.Sequential(*layers, predictor)
