@@ -347,18 +347,11 @@ def multiclass_select(
     return select_top(cands, keep_fn(cands, iou_threshold), max_detections)
 
 
-def cpu_select(
-    boxes: Tensor,
-    scores: Tensor,
-    score_threshold: float,
-    iou_threshold: float,
-    max_detections: int,
-    pre_nms_top_k: int | None,
-    per_class_top_k: int | None,
-):
+def cpu_select(boxes: Tensor, scores: Tensor, *settings):
     """The CPU selection: the dense table for few candidates (:mod:`detkit.ops.nms_dense`),
-    else the general engine with :func:`cpu_keep`."""
+    else the general engine with :func:`cpu_keep`. ``settings``: ``score_threshold``,
+    ``iou_threshold``, ``max_detections``, ``pre_nms_top_k``, ``per_class_top_k``, as
+    :func:`multiclass_select` takes them."""
     boxes, scores = promote(boxes, scores)
-    args = (score_threshold, iou_threshold, max_detections, pre_nms_top_k, per_class_top_k)
-    few = dense_select(boxes.contiguous(), scores, *args)
-    return few if few is not None else multiclass_select(boxes, scores, *args, cpu_keep)
+    few = dense_select(boxes.contiguous(), scores, *settings)
+    return few if few is not None else multiclass_select(boxes, scores, *settings, cpu_keep)
