@@ -46,13 +46,13 @@ class Pointwise(nn.Conv2d):
         if not _as_product(x, self.weight):
             return super().forward(x)
         weight = self.weight.flatten(1)  # [out, in]
-        batch, _, height, width = x.shape
+        batch, channels, height, width = x.shape
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return F.linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
-        out = torch.matmul(weight, x.reshape(batch, -1, height * width))
+        out = torch.matmul(weight, x.reshape(batch, channels, height * width))
         if self.bias is not None:
             out = out + self.bias[:, None]
-        return out.view(batch, -1, height, width)
+        return out.view(batch, self.out_channels, height, width)
 
 
 def _as_product(x: Tensor, weight: Tensor) -> bool:

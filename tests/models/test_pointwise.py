@@ -45,6 +45,16 @@ def test_equals_the_convolution(products, layout, bias, shape):
     assert len(products) == (1 if small else 0)
 
 
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5)])
+def test_empty_inputs(shape):
+    layer = Pointwise(8, 4, 1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(shape).contiguous(memory_format=layout)
+        with torch.no_grad():
+            out = layer(x)
+        assert out.shape == (shape[0], 4, *shape[2:])
+
+
 def test_training_keeps_the_convolution(products):
     layer = Pointwise(8, 4, 1)
     x = torch.randn(1, 8, 6, 6, requires_grad=True)
