@@ -4,7 +4,8 @@
 (``detkit::nms``, ``detkit::batched_nms``, ``detkit::multiclass_nms``) with fake impls (data
 dependent sizes via ``new_dynamic_size``) and Triton CUDA paths in
 :mod:`detkit.ops.kernels.boxes_nms`. ``multiclass_nms``'s CPU engine is in
-:mod:`detkit.ops.nms_multiclass` and :mod:`detkit.ops.nms_grouped`.
+:mod:`detkit.ops.nms_multiclass` and :mod:`detkit.ops.nms_grouped`, with a dense table for
+few candidates in :mod:`detkit.ops.nms_dense`.
 
 The NMS rule, the same for every dtype, every op and every device (CPU, Triton):
 
@@ -232,6 +233,9 @@ def multiclass_nms(
     of each of its exact methods before doing any and takes the cheapest, so sparse and
     dense scores, with or without per-class top-k, stay ahead of a per-image torchvision
     loop (tools/bench_ops.py measures 1%, 5% and 40% of the pairs above the threshold).
+    Up to a few hundred candidates (a trained model, a few images) one dense IoU table
+    replaces it (:mod:`detkit.ops.nms_dense`); one image of a small model is still faster
+    with a single ``torchvision.ops.batched_nms`` (0.19 against 0.39 ms in the bench).
     """
     _check_multiclass_args(
         boxes, scores, iou_threshold, max_detections, pre_nms_top_k, per_class_top_k

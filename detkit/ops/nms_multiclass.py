@@ -10,6 +10,9 @@ Masks and sorts over the whole batch, no Python loop over images or classes:
    costs one pass over it where sorting the candidates would cost a sort.
 2. NMS per (image, class): ``keep_fn`` (CPU: :func:`cpu_keep`; CUDA: the Triton kernels).
 3. The best ``K`` survivors of each image in (score, class, box) order (:func:`select_top`).
+
+On the CPU, :func:`cpu_select` first offers the inputs to the dense table of
+:mod:`detkit.ops.nms_dense`, which takes few candidates in fewer calls.
 """
 
 from __future__ import annotations
