@@ -98,3 +98,38 @@ def test_no_candidates():
     out = ops.multiclass_nms(boxes, torch.zeros_like(scores), 0.05, 0.5, 10)
     assert out[0].shape == (3, 10, 4) and out[3].tolist() == [0, 0, 0]
     assert not any(t.any() for t in out[:3])
+
+
+@pytest.mark.parametrize(
+    "kind", ["degenerate", "inverted", "far", "integer", "half", "ties", "inf_scores", "repeated"]
+)
+def test_odd_inputs_equal_the_oracle_and_the_general_engine(monkeypatch, kind):
+    g = torch.Generator().manual_seed(len(kind))
+    for _ in range(6):
+        xy = torch.rand(2, 60, 2, generator=g) * 100
+        boxes = torch.cat([xy, xy + torch.rand(2, 60, 2, generator=g) * 40], -1)
+        scores = torch.rand(2, 60, 3, generator=g)
+        if kind == "degenerate":
+            boxes[..., 2] = boxes[..., 0]  # zero width: IoU 0 / 0
+        elif kind == "inverted":
+            boxes = boxes[..., [2, 3, 0, 1]]  # x2 < x1
+        elif kind == "far":
+            boxes = boxes * 1e5 + 1e7
+        elif kind == "integer":
+            boxes = boxes.round().int()
+        elif kind == "half":
+            boxes, scores = boxes.half(), scores.half()
+        elif kind == "ties":
+            scores = (scores * 4).floor() / 4
+        elif kind == "inf_scores":
+            scores[..., 0] = float("inf")
+        elif kind == "repeated":
+            boxes[:, 1:] = boxes[:, :1]
+        args = (boxes, scores, 0.25, 0.5, 20)
+        monkeypatch.setattr(nms_dense, "DENSE_MAX", 10**6)
+        dense = ops.multiclass_nms(*args)
+        monkeypatch.setattr(nms_dense, "DENSE_MAX", -1)
+        general = ops.multiclass_nms(*args)
+        assert all(torch.equal(a, b) for a, b in zip(dense, general, strict=True))
+        ref = torchvision_multiclass_nms(boxes.float(), scores.float(), 0.25, 0.5, 20)
+        assert detection_mismatch(dense, ref) is None
