@@ -45,7 +45,7 @@ def check(boxes, scores, k, pre=None, per_class=None, threshold=0.05, iou=0.45):
 def test_few_candidates_equal_the_oracle(dense_calls, monkeypatch, seed):
     # Up to a few hundred candidates (the table's limit raised so every call takes it),
     # clustered boxes so that NMS suppresses, some images without candidates.
-    monkeypatch.setattr(nms_dense, "DENSE_MAX", 10**6)
+    monkeypatch.setattr(nms_dense, "DENSE_ELEMENTS", 10**12)
     boxes, scores = boxes_and_scores(4, 300, 6, seed, logit_mean=-3.5)
     scores[1] = 0.0
     out = check(boxes, scores, 100)
@@ -59,7 +59,7 @@ def test_few_candidates_equal_the_oracle(dense_calls, monkeypatch, seed):
 
 
 def test_exact_ties(dense_calls, monkeypatch):
-    monkeypatch.setattr(nms_dense, "DENSE_MAX", 10**6)
+    monkeypatch.setattr(nms_dense, "DENSE_ELEMENTS", 10**12)
     boxes, _ = boxes_and_scores(2, 150, 4, 7)
     scores = (torch.rand(2, 150, 4, generator=torch.Generator().manual_seed(3)) * 8).floor() / 8
     check(boxes, scores, 40, threshold=0.6)
@@ -82,7 +82,7 @@ def test_greedy_not_fast_nms(dense_calls):
 def test_the_general_engine_takes_over(dense_calls):
     boxes, scores = boxes_and_scores(1, 400, 10, 1, logit_mean=-5.5)
     above = int((scores > 0.05).sum())
-    assert 10 < above <= nms_dense.DENSE_MAX
+    assert above > 10 and above**2 <= nms_dense.DENSE_ELEMENTS
     check(boxes, scores, 100)  # few: the table
     check(boxes, scores, 100, pre=above - 1)  # the per-image top-k would cut
     check(boxes, scores, 100, per_class=2)  # the per-class top-k might cut
@@ -126,9 +126,9 @@ def test_odd_inputs_equal_the_oracle_and_the_general_engine(monkeypatch, kind):
         elif kind == "repeated":
             boxes[:, 1:] = boxes[:, :1]
         args = (boxes, scores, 0.25, 0.5, 20)
-        monkeypatch.setattr(nms_dense, "DENSE_MAX", 10**6)
+        monkeypatch.setattr(nms_dense, "DENSE_ELEMENTS", 10**12)
         dense = ops.multiclass_nms(*args)
-        monkeypatch.setattr(nms_dense, "DENSE_MAX", -1)
+        monkeypatch.setattr(nms_dense, "DENSE_ELEMENTS", -1)
         general = ops.multiclass_nms(*args)
         assert all(torch.equal(a, b) for a, b in zip(dense, general, strict=True))
         ref = torchvision_multiclass_nms(boxes.float(), scores.float(), 0.25, 0.5, 20)
