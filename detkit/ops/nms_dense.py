@@ -71,7 +71,7 @@ def dense_select(
     visit_rank = torch.empty_like(by_score).index_copy_(
         0, by_score, torch.arange(count, device=by_score.device)
     )
-    src, dst = _suppressions(cand_boxes, label, visit_rank, image, per_image, iou_threshold)
+    src, dst = _suppressions(cand_boxes, label, visit_rank, image, per_image, most, iou_threshold)
     keep = greedy_keep(count, src, dst)
     ranked = take(by_score, torch.nonzero(take(keep, by_score), as_tuple=True)[0])
     if batch > 1:
@@ -95,6 +95,7 @@ def _suppressions(
     visit_rank: Tensor,
     image: Tensor,
     per_image: Tensor,
+    most: int,
     iou_threshold: float,
 ) -> tuple[Tensor, Tensor]:
     """Edges ``(src, dst)`` between candidates (image-major): same image and class, IoU above
@@ -103,7 +104,7 @@ def _suppressions(
     [0, 1]). ``pairwise_iou`` has torchvision's operations, whose result does not depend on
     which box of the pair is the kept one (``max``, ``min`` and the sum of the areas are
     symmetric)."""
-    batch, most = per_image.numel(), int(per_image.max())
+    batch = per_image.numel()
     start = None
     if batch == 1:  # the candidates are the table's rows
         boxes, labels, visit_rank = boxes[None], labels[None], visit_rank[None]
