@@ -20,7 +20,8 @@ A ``:nhwc`` suffix runs a model with NHWC weights and batches, as ``channels_las
 trains and evaluates it: ``experiment=digits_yolo`` sets it, ``digits_faster_rcnn`` does not;
 the reference (last) is Faster R-CNN as its experiment runs, and its NHWC row shows what that
 layout would give it too. The "inference folded" rows run a copy with BatchNorm folded into the
-convolutions (``detkit.models.fuse.fuse_conv_bn``), as ``detkit predict`` runs a checkpoint.
+convolutions and parallel convolutions merged (``detkit.models.fuse.fuse_for_inference``), as
+``detkit predict`` runs a checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 import torch
 
 from detkit.config import compose_config, safe_instantiate
-from detkit.models.fuse import fuse_conv_bn
+from detkit.models.fuse import fuse_for_inference
 from detkit.models.transform import as_hw
 from detkit.testing import digits_batch
 
@@ -67,7 +68,7 @@ def inference_copies(model) -> tuple:
     size's table would see other weights."""
     plain = copy.deepcopy(model).eval()
     folded = copy.deepcopy(plain)
-    fuse_conv_bn(folded)  # keeps the weights' layout
+    fuse_for_inference(folded)  # keeps the weights' layout
     return plain, folded
 
 

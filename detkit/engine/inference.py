@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detkit.engine.checkpoint import load_detector, require_sections
 from detkit.engine.module import to_original_pixels
-from detkit.models.fuse import fuse_conv_bn as fuse
+from detkit.models.fuse import fuse_for_inference
 from detkit.structures import target_sizes, unpad_detections, xyxy_to_xywh
 
 
@@ -26,8 +26,9 @@ def load_inference_model(path: str | Path, fuse_conv_bn: bool = False) -> tuple[
     ``data``). A checkpoint trained with ``channels_last: true`` runs in that layout here
     too (its convolutions then give NHWC maps whatever the input's layout).
 
-    ``fuse_conv_bn`` folds BatchNorms into their convolutions (:func:`detkit.models.fuse.
-    fuse_conv_bn`): faster, equal up to float rounding. ONNX Runtime folds them itself."""
+    ``fuse_conv_bn`` folds BatchNorms into their convolutions and merges parallel
+    convolutions (:func:`detkit.models.fuse.fuse_for_inference`): faster, equal up to float
+    rounding. ONNX Runtime folds them itself."""
     if str(path).endswith(".onnx"):
         from detkit.export.onnx_runtime import load_onnx_detector
 
@@ -35,7 +36,7 @@ def load_inference_model(path: str | Path, fuse_conv_bn: bool = False) -> tuple[
     model, config = load_detector(path)
     require_sections(config, f"checkpoint {path}", "transforms", "data")
     if fuse_conv_bn:
-        fuse(model)
+        fuse_for_inference(model)
     if config.get("channels_last", False):
         model.to(memory_format=torch.channels_last)
     return model, config

@@ -94,8 +94,9 @@ def predict_images(
     """Run a checkpoint on images; write ``<stem>.png`` with boxes drawn (see
     :func:`drawing_names`) and ``detections.json``.
 
-    ``fuse_conv_bn`` folds BatchNorms into their convolutions first (faster; the same
-    detections up to float rounding)."""
+    ``fuse_conv_bn`` folds BatchNorms into their convolutions and merges parallel ones first
+    (:func:`detkit.models.fuse.fuse_for_inference`: faster; the same detections up to float
+    rounding)."""
     check_options(score_threshold, batch_size, max_images)
     # a checkpoint, or model.onnx + its sidecar
     model, config = load_inference_model(ckpt, fuse_conv_bn=fuse_conv_bn)

@@ -286,7 +286,8 @@ def evaluate_checkpoint(
     ``coco_ground_truth()``: a COCO annotation file as written (areas, crowd, ignore flags),
     restricted to the images evaluated, so ``ground_truth.json`` and ``results.json`` give
     the same numbers in pycocotools. ``backend`` computes the COCO stats. ``fuse_conv_bn``
-    folds BatchNorms into convolutions (faster; detections equal up to float rounding).
+    folds BatchNorms into convolutions and merges parallel ones (faster; detections equal up
+    to float rounding).
     """
     from detkit.eval.command import check_options
     from detkit.eval.command import run as evaluate_files

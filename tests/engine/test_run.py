@@ -103,8 +103,10 @@ def test_predict_folds_batchnorm_unless_told_not_to(trained, tmp_path, monkeypat
     ckpt = trained / "train" / "checkpoints" / "best.ckpt"
     source = trained / "digits" / "val"
     folded_counts = []
-    fold = inference.fuse
-    monkeypatch.setattr(inference, "fuse", lambda model: folded_counts.append(fold(model)))
+    fold = inference.fuse_for_inference
+    monkeypatch.setattr(
+        inference, "fuse_for_inference", lambda model: folded_counts.append(fold(model)[0])
+    )
     runs = {}
     for name, extra in (("folded", []), ("plain", ["fuse_conv_bn=false"])):
         args = [f"ckpt={ckpt}", f"source={source}", "score_threshold=0.05", *extra]

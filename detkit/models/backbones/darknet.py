@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.models.fuse import stacked_convs
 from detkit.models.pointwise import Pointwise
 
 # The activations a CSP-Darknet model can be built with. SiLU is YOLOv5/v8's; on a CPU it costs
@@ -90,9 +91,34 @@ class CSPBlock(nn.Module):
             *[Bottleneck(hidden, shortcut, activation) for _ in range(depth)]
         )
         self.fuse = ConvBNAct(2 * hidden, out_ch, 1, activation=activation)
+        # Inference only, without bottlenecks: main and bypass as one convolution, whose
+        # output is the concatenation (see merge_parallel_convs).
+        self.entry: nn.Sequential | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.entry is not None:
+            return self.fuse(self.entry(x))
         return self.fuse(torch.cat((self.blocks(self.main(x)), self.bypass(x)), dim=1))
+
+    def merge_parallel_convs(self) -> int:
+        """Without bottlenecks (``depth=0``, as in the digits YOLO's neck), run ``main`` and
+        ``bypass`` (two 1x1 convolutions of the input, BatchNorms folded) as one, whose output
+        is what ``fuse`` reads: one product and no concatenation (see
+        :func:`detkit.models.fuse.merge_parallel_convs`; the digits YOLO's neck about a fifth
+        faster). With bottlenecks the main half would reach them as a strided slice, which
+        cost as much as the merge saved. Returns 1 if merged."""
+        parts = (self.main, self.bypass)
+        if self.entry is not None or len(self.blocks):
+            return 0
+        if not all(isinstance(p[1], nn.Identity) for p in parts):
+            return 0  # BatchNorms not folded
+        if type(self.main[2]) is not type(self.bypass[2]):
+            return 0
+        conv = stacked_convs([self.main[0], self.bypass[0]])
+        if conv is None:
+            return 0
+        self.entry = nn.Sequential(conv, self.main[2])
+        return 1
 
 
 class SPPF(nn.Module):
