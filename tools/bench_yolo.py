@@ -10,8 +10,9 @@ Training is forward + loss + backward + AdamW step; inference is the eval forwar
 decoding and NMS (``model(images).detections``). Random weights by default: YOLO's and
 Faster R-CNN's post-processing then sees about as many candidates as trained models' do
 (their initial scores sit below or near the thresholds); ``--checkpoint`` loads trained
-weights instead. Calls alternate between the models so the machine's load hits them alike;
-the median per call is reported (images/s, from wall time and from this process's CPU time)
+weights instead. Calls alternate between the models so the machine's load hits them alike
+(the "runs of 5" rows: five calls of one model, then five of the next, as one model serves
+call after call; see ``interleaved``); the median per call is reported (images/s, from wall time and from this process's CPU time)
 with the ratio to the last model (the reference, Faster R-CNN), one table per batch size
 (1: one image at a time, as a camera or a service gets them; 8: ``detkit predict``'s default;
 32: a throughput job). Target: the anchor-free YOLO infers >= 3x Faster R-CNN's images/s.
@@ -38,9 +39,11 @@ from detkit.models.fuse import fuse_for_inference
 from detkit.models.transform import as_hw
 from detkit.testing import digits_batch
 
-PHASES = ("train", "inference", "inference folded")
+PHASES = ("train", "inference", "inference folded", "inference folded, runs of 5")
+# Calls of one model in a row per turn (the first of each run untimed): 1 alternates calls.
+RUNS = {"inference folded, runs of 5": 5}
 TARGETS = {
-    name: {"inference": 3.0, "inference folded": 3.0}
+    name: {"inference": 3.0, "inference folded": 3.0, "inference folded, runs of 5": 3.0}
     for name in ("yolov8_digits:nhwc", "yolov8_digits")
 }
 
@@ -93,21 +96,30 @@ def step_fns(model, copies: tuple, images, targets, nhwc: bool):
         with torch.inference_mode():
             folded(images)
 
-    return train, infer, infer_folded
+    return train, infer, infer_folded, infer_folded
 
 
-def interleaved(fns: list, iters: int) -> list[tuple[float, float]]:
-    """Median (wall, CPU) seconds per call of each function, calls alternating, after one
-    warm-up each. CPU time is this process's (all its threads): on a busy machine wall time
-    counts other processes' turns, and OpenMP threads waiting for a descheduled sibling."""
+def interleaved(fns: list, iters: int, run: int = 1) -> list[tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each function, the functions taking turns,
+    after one warm-up each. CPU time is this process's (all its threads): on a busy machine
+    wall time counts other processes' turns, and OpenMP threads waiting for a descheduled
+    sibling.
+
+    ``run=1`` alternates single calls: each call starts with the caches the other model left
+    (the small YOLO then pays for Faster R-CNN's weights and maps). ``run > 1`` makes each
+    turn one untimed call and ``run`` timed ones, as a service or ``detkit predict`` runs one
+    model call after call; turns still alternate within seconds, so load changes hit both."""
     times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for fn in fns:
         fn()
     for _ in range(iters):
         for k, fn in enumerate(fns):
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[k].append((time.perf_counter() - wall, time.process_time() - cpu))
+            if run > 1:
+                fn()
+            for _ in range(run):
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn()
+                times[k].append((time.perf_counter() - wall, time.process_time() - cpu))
     return [tuple(statistics.median(column) for column in zip(*t, strict=True)) for t in times]
 
 
@@ -154,7 +166,7 @@ def report(
     }
     rows = {}
     for k, phase in enumerate(PHASES):
-        seconds = interleaved([fns[name][k] for name in names], iters)
+        seconds = interleaved([fns[name][k] for name in names], iters, RUNS.get(phase, 1))
         rows[phase] = {
             name: (batch / wall, batch / cpu)
             for name, (wall, cpu) in zip(names, seconds, strict=True)
@@ -167,15 +179,15 @@ def report(
             f"{n}={'trained' if n.partition(':')[0] in checkpoints else 'random'}" for n in names
         )
     )
-    print(f"{'':<49}{'wall time':^18}{'CPU time':^18}")
-    print(f"{'name':<49}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
+    print(f"{'':<57}{'wall time':^18}{'CPU time':^18}")
+    print(f"{'name':<57}{'img/s':>9}{'ratio':>9}{'img/s':>9}{'ratio':>9}{'target':>9}")
     for phase, speeds in rows.items():
         for name in names:
             params = sum(p.numel() for p in models[name].parameters()) / 1e6
             (wall, cpu), (ref_wall, ref_cpu) = speeds[name], speeds[reference]
             target = TARGETS.get(name, {}).get(phase)
             print(
-                f"{f'{name} ({params:.2f} M) {phase}':<49}{wall:>9.2f}{wall / ref_wall:>8.2f}x"
+                f"{f'{name} ({params:.2f} M) {phase}':<57}{wall:>9.2f}{wall / ref_wall:>8.2f}x"
                 f"{cpu:>9.2f}{cpu / ref_cpu:>8.2f}x{f'>={target:.1f}x' if target else '-':>9}"
             )
     print(f"ratios are to {reference}")
