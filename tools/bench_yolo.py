@@ -12,10 +12,11 @@ Faster R-CNN's post-processing then sees about as many candidates as trained mod
 (their initial scores sit below or near the thresholds); ``--checkpoint`` loads trained
 weights instead. Calls alternate between the models so the machine's load hits them alike
 (the "runs of 5" rows: five calls of one model, then five of the next, as one model serves
-call after call; see ``interleaved``); the median per call is reported (images/s, from wall time and from this process's CPU time)
-with the ratio to the last model (the reference, Faster R-CNN), one table per batch size
-(1: one image at a time, as a camera or a service gets them; 8: ``detkit predict``'s default;
-32: a throughput job). Target: the anchor-free YOLO infers >= 3x Faster R-CNN's images/s.
+call after call; see ``interleaved``); the median per call is reported (images/s, from wall
+time and from this process's CPU time) with the ratio to the last model (the reference,
+Faster R-CNN), one table per batch size (1: one image at a time, as a camera or a service
+gets them; 8: ``detkit predict``'s default; 32: a throughput job). Target: the anchor-free
+YOLO infers >= 3x Faster R-CNN's images/s.
 
 A ``:nhwc`` suffix runs a model with NHWC weights and batches, as ``channels_last: true``
 trains and evaluates it: ``experiment=digits_yolo`` sets it, ``digits_faster_rcnn`` does not;

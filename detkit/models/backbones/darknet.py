@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from detkit.models.fuse import stacked_convs
+from detkit.models.merging import stacked_convs
 from detkit.models.pointwise import Pointwise
 
 # The activations a CSP-Darknet model can be built with. SiLU is YOLOv5/v8's; on a CPU it costs
@@ -104,7 +104,7 @@ class CSPBlock(nn.Module):
         """Without bottlenecks (``depth=0``, as in the digits YOLO's neck), run ``main`` and
         ``bypass`` (two 1x1 convolutions of the input, BatchNorms folded) as one, whose output
         is what ``fuse`` reads: one product and no concatenation (see
-        :func:`detkit.models.fuse.merge_parallel_convs`; the digits YOLO's neck about a fifth
+        :func:`detkit.models.merging.merge_parallel_convs`; the digits YOLO's neck about a fifth
         faster). With bottlenecks the main half would reach them as a strided slice, which
         cost as much as the merge saved. Returns 1 if merged."""
         parts = (self.main, self.bypass)

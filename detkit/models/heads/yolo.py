@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.models.backbones.darknet import ConvBNAct
-from detkit.models.fuse import side_by_side_convs, stacked_convs
+from detkit.models.merging import side_by_side_convs, stacked_convs
 from detkit.models.pointwise import Pointwise
 
 
@@ -278,7 +278,7 @@ class YOLOv8Head(nn.Module):
 
     def merge_parallel_convs(self) -> int:
         """Run each level's two branches as one stack of convolutions (see
-        :func:`detkit.models.fuse.merge_parallel_convs`): the first 3x3 convolutions read the
+        :func:`detkit.models.merging.merge_parallel_convs`): the first 3x3 convolutions read the
         same map (one convolution), the second ones and the predictors read their own halves
         of it (one grouped convolution and one block-diagonal 1x1 when the branches are equally
         wide; otherwise each branch's tail runs on its half). On the digits YOLO, 12
